@@ -1,0 +1,5 @@
+"""Service discovery: the :class:`Registry` port and its etcd and Consul backends."""
+
+from ordermesh_shared.discovery.base import Registry, RegistryError, ServiceInstance
+
+__all__ = ["Registry", "RegistryError", "ServiceInstance"]
