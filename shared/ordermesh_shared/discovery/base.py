@@ -20,7 +20,7 @@ from typing import Protocol
 class ServiceInstance:
     """One running instance of a service, as the registry knows it.
 
-    >>> inst = ServiceInstance(service="payment", instance_id="payment-1", host="127.0.0.1", port=8002)
+    >>> inst = ServiceInstance("payment", "payment-1", host="127.0.0.1", port=8002)
     >>> inst.base_url
     'http://127.0.0.1:8002'
     """

@@ -1,0 +1,228 @@
+"""One bootstrap for every service: the composition root shared by order, inventory, payment
+and shipping.
+
+:func:`create_service_app` builds the FastAPI app; its lifespan opens the database (lazily),
+the RabbitMQ connection and the registry, migrates in the background, registers the instance
+while it is ready, and on shutdown deregisters first and then closes everything it opened.
+
+>>> spec = ServiceSpec(name="payment", title="Payment", migrations=MIGRATIONS, routers=[router])
+>>> app = create_service_app(spec, PaymentSettings())
+>>> run_service(lambda s: create_service_app(spec, s), PaymentSettings)   # python -m payment
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+
+from ordermesh_shared.broker import Broker
+from ordermesh_shared.config import DEFAULT_ADMIN_TOKEN, ServiceSettings, load_settings
+from ordermesh_shared.database import Database, prepare_database
+from ordermesh_shared.discovery import Registry, RegistryError, ServiceInstance
+from ordermesh_shared.errors import install_error_handlers
+from ordermesh_shared.health import Health, health_router
+from ordermesh_shared.logging import configure_logging
+from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
+from ordermesh_shared.tasks import BackgroundTasks
+
+log = structlog.get_logger(__name__)
+
+PRESENCE_INTERVAL = 1.0
+
+
+@dataclass
+class ServiceContext:
+    """Everything the lifespan opened, handed to routes (``Ctx``) and service setup hooks."""
+
+    settings: ServiceSettings
+    instance: ServiceInstance
+    metrics: Metrics
+    health: Health
+    db: Database
+    broker: Broker
+    registry: Registry
+    tasks: BackgroundTasks
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+Setup = Callable[[ServiceContext], AbstractAsyncContextManager[None]]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What makes one service different from the others."""
+
+    name: str
+    title: str
+    migrations: Path
+    routers: Sequence[APIRouter] = ()
+    description: str = ""
+    version: str = "0.1.0"
+    setup: Setup | None = None
+
+
+def get_context(request: Request) -> ServiceContext:
+    """FastAPI dependency: the running service's context."""
+    ctx: ServiceContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[ServiceContext, Depends(get_context)]
+
+
+def make_registry(settings: ServiceSettings) -> Registry:
+    """The configured discovery backend (imported lazily: each pulls its own client)."""
+    if settings.registry == "consul":
+        from ordermesh_shared.discovery.consul import ConsulRegistry
+
+        return ConsulRegistry(settings.consul_url)
+    from ordermesh_shared.discovery.etcd import EtcdRegistry
+
+    return EtcdRegistry(settings.etcd_url, ttl=settings.registry_ttl)
+
+
+def create_service_app(
+    spec: ServiceSpec,
+    settings: ServiceSettings,
+    *,
+    registry_factory: Callable[[ServiceSettings], Registry] = make_registry,
+) -> FastAPI:
+    """Build the app; nothing is opened until the lifespan starts."""
+    metrics = Metrics(service=spec.name)
+    app = FastAPI(
+        title=spec.title,
+        description=spec.description,
+        version=spec.version,
+        lifespan=_lifespan(spec, settings, metrics, registry_factory),
+    )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    install_error_handlers(app)
+    app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
+    for router in spec.routers:
+        app.include_router(router)
+    return app
+
+
+def _lifespan(
+    spec: ServiceSpec,
+    settings: ServiceSettings,
+    metrics: Metrics,
+    registry_factory: Callable[[ServiceSettings], Registry],
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            ctx = await _open_context(stack, spec, settings, metrics, registry_factory)
+            app.state.ctx = ctx
+            app.include_router(health_router(ctx.health))
+            ctx.tasks.start(prepare_database(ctx.db, spec.migrations), name="migrate")
+            if spec.setup is not None:
+                await stack.enter_async_context(spec.setup(ctx))
+            ctx.tasks.start(keep_registered(ctx), name="presence")
+            _warn_on_demo_token(settings)
+            log.info("service.started", port=settings.port, registry=settings.registry)
+            yield
+            log.info("service.stopping")
+
+    return lifespan
+
+
+async def _open_context(
+    stack: AsyncExitStack,
+    spec: ServiceSpec,
+    settings: ServiceSettings,
+    metrics: Metrics,
+    registry_factory: Callable[[ServiceSettings], Registry],
+) -> ServiceContext:
+    # Exit order is the reverse: background tasks (and with them the registration) go first.
+    db = await stack.enter_async_context(
+        Database(settings.database_url, max_size=settings.db_pool_max)
+    )
+    broker = await stack.enter_async_context(Broker(settings.rabbitmq_url, name=spec.name))
+    registry = await stack.enter_async_context(registry_factory(settings))
+    health = Health(
+        {"database": db.ping, "rabbitmq": broker.ping, "registry": registry.ping},
+        timeout=settings.health_timeout,
+    )
+    tasks = await stack.enter_async_context(BackgroundTasks())
+    instance = ServiceInstance(
+        service=spec.name,
+        instance_id=settings.instance_id,
+        host=settings.advertise_host,
+        port=settings.port,
+        meta={"version": spec.version},
+    )
+    return ServiceContext(settings, instance, metrics, health, db, broker, registry, tasks)
+
+
+async def keep_registered(ctx: ServiceContext, *, interval: float = PRESENCE_INTERVAL) -> None:
+    """Announce the instance while it is ready and withdraw it while it is not.
+
+    Runs for the life of the service; on cancellation (shutdown) it deregisters before the
+    server stops answering, so callers stop picking this instance first.
+    """
+    registered = False
+    try:
+        while True:
+            ready = (await ctx.health.check()).ready
+            registered = await _sync_presence(ctx, ready=ready, registered=registered)
+            await asyncio.sleep(interval)
+    finally:
+        if registered:
+            await asyncio.shield(_withdraw(ctx))
+
+
+async def _sync_presence(ctx: ServiceContext, *, ready: bool, registered: bool) -> bool:
+    try:
+        if ready:
+            await ctx.registry.register(ctx.instance)
+            if not registered:
+                log.info("service.registered", instance=ctx.instance.instance_id)
+            return True
+        if registered:
+            await ctx.registry.deregister(ctx.instance)
+            log.warning("service.deregistered", reason="not ready")
+    except RegistryError as exc:
+        log.warning("registry.unavailable", error=str(exc))
+        return registered
+    return False
+
+
+async def _withdraw(ctx: ServiceContext) -> None:
+    try:
+        async with asyncio.timeout(2):
+            await ctx.registry.deregister(ctx.instance)
+        log.info("service.deregistered", reason="shutdown")
+    except (RegistryError, TimeoutError) as exc:
+        log.warning("service.deregister_failed", error=str(exc))
+
+
+def _warn_on_demo_token(settings: ServiceSettings) -> None:
+    if settings.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
+        log.warning("admin.default_token", hint="set ADMIN_TOKEN outside a demo")
+
+
+def run_service(factory: Callable[[Any], FastAPI], settings_cls: type[ServiceSettings]) -> None:
+    """``python -m <service>``: settings from the environment, JSON logs, uvicorn on uvloop."""
+    settings = load_settings(settings_cls)
+    configure_logging(
+        service=settings.service_name, instance_id=settings.instance_id, level=settings.log_level
+    )
+    uvicorn.run(
+        factory(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )

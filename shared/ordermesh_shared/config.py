@@ -1,0 +1,97 @@
+"""Settings: one pydantic-settings class per service on a shared base.
+
+Settings are read from the environment (no prefix: ``DATABASE_URL``, ``PORT``...) once, in the
+service's ``main``, and passed down; nothing reads the environment at import time.
+
+>>> settings = load_settings(OrderSettings)   # exits with one line naming a bad variable
+>>> app = create_app(settings)
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import ClassVar, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+DEFAULT_ADMIN_TOKEN = "ordermesh-admin"
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs to know; subclasses set the service name and defaults."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, validate_default=True)
+
+    service_name: ClassVar[str] = "service"
+    default_port: ClassVar[int] = 8000
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(0, ge=0, le=65535, description="Port to listen on (0: the service default).")
+    advertise_host: str = Field(
+        "", description="Address peers should call (default: HOST, or this host's IP for 0.0.0.0)."
+    )
+    instance_id: str = Field(
+        "", description="Unique id in the registry (default: service-host-port)."
+    )
+    database_url: str = Field("", description="PostgreSQL DSN of this service's own database.")
+    db_pool_max: int = Field(10, ge=1, le=200, description="Most connections in the pool.")
+    rabbitmq_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="AMQP URL.")
+    registry: Literal["etcd", "consul"] = Field("etcd", description="Discovery backend.")
+    etcd_url: str = Field("http://127.0.0.1:2379", description="etcd v3 JSON gateway URL.")
+    consul_url: str = Field("http://127.0.0.1:8500", description="Consul agent URL.")
+    registry_ttl: float = Field(3.0, gt=0, le=60, description="etcd lease TTL, seconds.")
+    health_timeout: float = Field(1.0, gt=0, le=30, description="Timeout of each health check.")
+    log_level: LogLevel = Field("INFO", description="Log level.")
+    admin_token: SecretStr = Field(
+        SecretStr(DEFAULT_ADMIN_TOKEN), description="Token for admin endpoints (X-Admin-Token)."
+    )
+
+    @model_validator(mode="after")
+    def _fill_derived(self) -> ServiceSettings:
+        # Derived defaults depend on other fields, so they are filled after validation.
+        port = self.port or self.default_port
+        advertise = self.advertise_host or _default_advertise_host(self.host)
+        object.__setattr__(self, "port", port)
+        object.__setattr__(self, "advertise_host", advertise)
+        if not self.instance_id:
+            object.__setattr__(self, "instance_id", f"{self.service_name}-{advertise}-{port}")
+        if not self.database_url:
+            dsn = f"postgresql://postgres@127.0.0.1:5432/ordermesh_{self.service_name}"
+            object.__setattr__(self, "database_url", dsn)
+        return self
+
+
+def _default_advertise_host(host: str) -> str:
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    # In a container the hostname resolves to the container's address on its network.
+    return socket.gethostbyname(socket.gethostname())
+
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming each bad variable and why, e.g. ``PORT='x': Input should be ...``."""
+    parts = []
+    for err in exc.errors():
+        name = "_".join(str(p) for p in err["loc"]).upper() or "SETTINGS"
+        value = err.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        parts.append(f"{name}{shown}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(cls: type[SettingsT]) -> SettingsT:
+    """Build settings from the environment, or exit(2) with one line naming the bad variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        print(
+            f"ordermesh-{cls.service_name}: invalid settings: {describe_error(exc)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None

@@ -1,0 +1,183 @@
+"""The service's own PostgreSQL database: an asyncpg pool and plain-SQL migrations.
+
+The pool opens lazily, so a service starts (and reports "not ready") while its database is
+down; :func:`prepare_database` retries migrations with backoff until they are applied.
+
+>>> async with Database(settings.database_url) as db:
+...     await migrate(db, Path("services/order/migrations"))
+...     async with db.pool.acquire() as conn: ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TypeAlias, Union
+
+import asyncpg
+import structlog
+from asyncpg.pool import PoolConnectionProxy
+from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
+
+log = structlog.get_logger(__name__)
+
+# What store functions take: a bare connection or one borrowed from the pool.
+DbConn: TypeAlias = Union[
+    "asyncpg.Connection[asyncpg.Record]", "PoolConnectionProxy[asyncpg.Record]"
+]
+
+# Any constant shared by all replicas of a service serialises their migrations.
+MIGRATION_LOCK_ID = 0x6F72_6465_726D_6573  # "ordermes"
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+class DatabaseNotReady(Exception):
+    """The database is unreachable or its migrations are not yet applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One plain-SQL file, applied once and recorded in ``schema_migrations``."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        """Detects a migration edited after it was applied somewhere."""
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+class Database:
+    """An asyncpg pool owned by an ``async with`` block; no connection opens on entry."""
+
+    def __init__(self, dsn: str, *, max_size: int = 10, connect_timeout: float = 3.0) -> None:
+        self.dsn = dsn
+        self._max_size = max_size
+        self._connect_timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+        self.migrated = False
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The pool; raises :class:`DatabaseNotReady` before migrations have run."""
+        if self._pool is None or not self.migrated:
+            raise DatabaseNotReady("database not ready: migrations not applied yet")
+        return self._pool
+
+    async def __aenter__(self) -> Database:
+        # min_size=0: creating the pool opens nothing, so start-up never blocks on Postgres.
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=0,
+            max_size=self._max_size,
+            timeout=self._connect_timeout,
+            command_timeout=10,
+            max_inactive_connection_lifetime=60,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def ping(self) -> None:
+        """Health check: a round trip, and the schema must be in place."""
+        if self._pool is None:
+            raise DatabaseNotReady("pool not open")
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+        if not self.migrated:
+            raise DatabaseNotReady("migrations pending")
+
+    async def migrate(self, directory: Path) -> list[int]:
+        """Apply pending migrations from ``directory``; returns the versions applied now."""
+        assert self._pool is not None, "use Database inside 'async with'"
+        applied = await apply_migrations(self._pool, load_migrations(directory))
+        self.migrated = True
+        return applied
+
+
+def load_migrations(directory: Path) -> list[Migration]:
+    """Read ``NNNN_name.sql`` files in version order; anything else there is an error."""
+    migrations = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match is None:
+            raise ValueError(f"migration file {path} must be named NNNN_lowercase_name.sql")
+        migrations.append(Migration(int(match[1]), path.stem, path.read_text()))
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"two migrations share a version number in {directory}")
+    return migrations
+
+
+async def apply_migrations(pool: asyncpg.Pool, migrations: list[Migration]) -> list[int]:
+    """Apply what is missing, all in one transaction under an advisory lock.
+
+    The transaction-scoped advisory lock makes a second replica starting at the same moment
+    wait, then see the first one's rows in ``schema_migrations`` and apply nothing.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   checksum text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
+        _refuse_edited(migrations, done)
+        pending = [m for m in migrations if m.version not in done]
+        for migration in pending:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+    return [m.version for m in pending]
+
+
+def _refuse_edited(migrations: list[Migration], done: dict[int, str]) -> None:
+    for m in migrations:
+        if m.version in done and done[m.version] != m.checksum:
+            raise ValueError(f"migration {m.name} changed after it was applied; add a new one")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    # A broken migration file will not heal by waiting; an unreachable server may.
+    return isinstance(exc, OSError | asyncpg.PostgresConnectionError | TimeoutError) or (
+        isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "")[:2] in {"08", "57"}
+    )
+
+
+async def prepare_database(db: Database, migrations: Path, *, max_wait: float = 10.0) -> None:
+    """Migrate, retrying with jittered backoff while the server is unreachable."""
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(_is_transient),
+        wait=wait_random_exponential(multiplier=0.2, max=max_wait),
+        before_sleep=lambda rs: log.warning(
+            "database.unreachable",
+            attempt=rs.attempt_number,
+            error=str(rs.outcome.exception()) if rs.outcome else "",
+        ),
+    )
+    async for attempt in retrying:
+        with attempt:
+            applied = await db.migrate(migrations)
+    log.info("database.migrated", applied=applied)

@@ -1,0 +1,55 @@
+"""JSON logs through structlog, every line stamped with the service and instance id.
+
+>>> configure_logging(service="order", instance_id="order-127.0.0.1-8000", level="INFO")
+>>> structlog.get_logger(__name__).info("order.created", order_id=str(order_id))
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure_logging(*, service: str, instance_id: str, level: str = "INFO") -> None:
+    """Route structlog and the standard library (uvicorn, asyncpg...) into one JSON stream."""
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _stamp(service=service, instance_id=instance_id),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Access lines would double the log volume; request metrics cover them.
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def _stamp(*, service: str, instance_id: str) -> structlog.types.Processor:
+    def add_identity(
+        _logger: object, _name: str, event: structlog.types.EventDict
+    ) -> structlog.types.EventDict:
+        event.setdefault("service", service)
+        event.setdefault("instance", instance_id)
+        return event
+
+    return add_identity

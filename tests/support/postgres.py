@@ -1,0 +1,59 @@
+"""Postgres for tests: a fresh database per test on the machine's server, dropped afterwards.
+
+The server is the one CI starts (127.0.0.1:5432, trust auth); ``ORDERMESH_TEST_PG`` points
+elsewhere. Each test gets its own database, so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def admin_dsn() -> str:
+    """DSN of a database we may CREATE/DROP databases from."""
+    return os.environ.get("ORDERMESH_TEST_PG", DEFAULT_ADMIN_DSN)
+
+
+def dsn_for(database: str) -> str:
+    """The admin DSN pointed at another database on the same server."""
+    base, _, _ = admin_dsn().rpartition("/")
+    return f"{base}/{database}"
+
+
+async def create_database(name: str) -> str:
+    """Create ``name`` (dropping a leftover of the same name) and return its DSN."""
+    conn = await asyncpg.connect(admin_dsn())
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return dsn_for(name)
+
+
+async def drop_database(name: str) -> None:
+    """Drop ``name``, disconnecting whoever still uses it."""
+    conn = await asyncpg.connect(admin_dsn())
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def fresh_database() -> AsyncIterator[str]:
+    """A DSN to an empty database of this test's own."""
+    name = f"om_test_{uuid.uuid4().hex[:12]}"
+    try:
+        dsn = await create_database(name)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"Postgres at {admin_dsn()} is needed for this test: {exc}")
+    yield dsn
+    await drop_database(name)
