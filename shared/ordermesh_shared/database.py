@@ -4,7 +4,7 @@ The pool opens lazily, so a service starts (and reports "not ready") while its d
 down; :func:`prepare_database` retries migrations with backoff until they are applied.
 
 >>> async with Database(settings.database_url) as db:
-...     await migrate(db, Path("services/order/migrations"))
+...     await db.migrate(SHARED_MIGRATIONS, MigrationSet("service", MIGRATIONS))
 ...     async with db.pool.acquire() as conn: ...
 """
 
@@ -50,6 +50,21 @@ class Migration:
     def checksum(self) -> str:
         """Detects a migration edited after it was applied somewhere."""
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSet:
+    """A directory of migrations and the component it belongs to (versions are per component).
+
+    The shared library ships its own tables (outbox, inbox, fencing tokens) as component
+    ``shared``; each service's own files are component ``service``.
+    """
+
+    component: str
+    directory: Path
+
+
+SHARED_MIGRATIONS = MigrationSet("shared", Path(__file__).resolve().parent / "migrations")
 
 
 class Database:
@@ -99,10 +114,14 @@ class Database:
         if not self.migrated:
             raise DatabaseNotReady("migrations pending")
 
-    async def migrate(self, directory: Path) -> list[int]:
-        """Apply pending migrations from ``directory``; returns the versions applied now."""
+    async def migrate(self, *sets: MigrationSet) -> dict[str, list[int]]:
+        """Apply pending migrations of each set in order; returns the versions applied now."""
         assert self._pool is not None, "use Database inside 'async with'"
-        applied = await apply_migrations(self._pool, load_migrations(directory))
+        applied = {}
+        for mset in sets:
+            applied[mset.component] = await apply_migrations(
+                self._pool, load_migrations(mset.directory), component=mset.component
+            )
         self.migrated = True
         return applied
 
@@ -121,7 +140,9 @@ def load_migrations(directory: Path) -> list[Migration]:
     return migrations
 
 
-async def apply_migrations(pool: asyncpg.Pool, migrations: list[Migration]) -> list[int]:
+async def apply_migrations(
+    pool: asyncpg.Pool, migrations: list[Migration], *, component: str = "service"
+) -> list[int]:
     """Apply what is missing, all in one transaction under an advisory lock.
 
     The transaction-scoped advisory lock makes a second replica starting at the same moment
@@ -131,21 +152,25 @@ async def apply_migrations(pool: asyncpg.Pool, migrations: list[Migration]) -> l
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version integer PRIMARY KEY,
+                   component text NOT NULL,
+                   version integer NOT NULL,
                    name text NOT NULL,
                    checksum text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
+                   applied_at timestamptz NOT NULL DEFAULT now(),
+                   PRIMARY KEY (component, version))"""
         )
-        done = {
-            r["version"]: r["checksum"]
-            for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
-        }
+        rows = await conn.fetch(
+            "SELECT version, checksum FROM schema_migrations WHERE component = $1", component
+        )
+        done = {r["version"]: r["checksum"] for r in rows}
         _refuse_edited(migrations, done)
         pending = [m for m in migrations if m.version not in done]
         for migration in pending:
             await conn.execute(migration.sql)
             await conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                "INSERT INTO schema_migrations (component, version, name, checksum)"
+                " VALUES ($1, $2, $3, $4)",
+                component,
                 migration.version,
                 migration.name,
                 migration.checksum,
@@ -167,7 +192,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 async def prepare_database(db: Database, migrations: Path, *, max_wait: float = 10.0) -> None:
-    """Migrate, retrying with jittered backoff while the server is unreachable."""
+    """Apply the shared and then the service's migrations, retrying while Postgres is down."""
     retrying = AsyncRetrying(
         retry=retry_if_exception(_is_transient),
         wait=wait_random_exponential(multiplier=0.2, max=max_wait),
@@ -179,5 +204,5 @@ async def prepare_database(db: Database, migrations: Path, *, max_wait: float = 
     )
     async for attempt in retrying:
         with attempt:
-            applied = await db.migrate(migrations)
+            applied = await db.migrate(SHARED_MIGRATIONS, MigrationSet("service", migrations))
     log.info("database.migrated", applied=applied)
