@@ -1,0 +1,42 @@
+# Each target is one obvious command; `make help` lists them.
+UV ?= uv
+RUN = $(UV) run
+
+.PHONY: help install deps dev down status up logs test lint fmt demo-election demo-lock demo-breaker events
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
+
+install:  ## install the Python workspace (uv sync)
+	$(UV) sync
+
+deps:  ## install the Debian packages the local stack needs (as root)
+	apt-get update && apt-get install -y postgresql rabbitmq-server etcd-server
+
+dev: install  ## run the whole platform as local processes (no Docker)
+	$(RUN) ordermesh-local up
+
+down:  ## stop what `make dev` started
+	$(RUN) ordermesh-local down
+
+status:  ## show the local stack's processes
+	$(RUN) ordermesh-local status
+
+up:  ## run the platform with docker compose
+	docker compose up -d --build --wait
+
+logs:  ## follow the docker compose logs (local stack: .run/logs/)
+	docker compose logs -f
+
+test:  ## run the test suite (unit, integration; compose tests skip without Docker)
+	$(RUN) pytest
+
+lint:  ## ruff, mypy (strict) and the compose schema check
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy shared services deploy
+	$(RUN) check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+fmt:  ## format and auto-fix
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
