@@ -10,12 +10,16 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from inventory.app import SPEC as INVENTORY, InventorySettings
-from order.app import SPEC as ORDER, OrderSettings
+from inventory.app import SPEC as INVENTORY
+from inventory.app import InventorySettings
+from order.app import SPEC as ORDER
+from order.app import OrderSettings
 from ordermesh_shared.bootstrap import ServiceSpec, create_service_app
 from ordermesh_shared.config import ServiceSettings
-from payment.app import SPEC as PAYMENT, PaymentSettings
-from shipping.app import SPEC as SHIPPING, ShippingSettings
+from payment.app import SPEC as PAYMENT
+from payment.app import PaymentSettings
+from shipping.app import SPEC as SHIPPING
+from shipping.app import ShippingSettings
 
 from tests.support.fakes import InMemoryRegistry
 
