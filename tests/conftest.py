@@ -5,9 +5,10 @@ import importlib.util
 pytest_plugins = [
     name
     for name in (
+        # Order matters: a plugin imported by another must be registered first.
         "tests.support.postgres",
-        "tests.support.rabbitmq",
         "tests.support.etcd",
+        "tests.support.rabbitmq",
         "tests.support.consul_double",
     )
     if importlib.util.find_spec(name) is not None
