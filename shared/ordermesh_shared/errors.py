@@ -19,13 +19,19 @@ log = structlog.get_logger(__name__)
 
 
 class ServiceError(Exception):
-    """A failure with an HTTP status and a message a person can act on."""
+    """A failure with an HTTP status, a message a person can act on and, for business
+    rejections, a machine-readable ``reason`` (e.g. ``out_of_stock``) callers can branch on."""
 
     status_code = 500
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, reason: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.reason = reason
+
+    def body(self) -> dict[str, str]:
+        """The JSON error body."""
+        return {"detail": self.detail} | ({"reason": self.reason} if self.reason else {})
 
 
 class NotFound(ServiceError):
@@ -40,6 +46,12 @@ class Conflict(ServiceError):
     status_code = 409
 
 
+class Rejected(ServiceError):
+    """A valid request the business rules refuse, e.g. insufficient funds (422)."""
+
+    status_code = 422
+
+
 class Unavailable(ServiceError):
     """A dependency is down; try again later (503)."""
 
@@ -51,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse(exc.body(), status_code=exc.status_code)
 
     @app.exception_handler(DatabaseNotReady)
     async def _db_not_ready(_req: Request, exc: DatabaseNotReady) -> JSONResponse:

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.errors import NotFound
+from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
 from pydantic import BaseModel, Field
 
-from inventory import store
+from inventory import commands, store
+from inventory.domain import Reservation, ReserveRequest
 
-router = APIRouter(tags=["products"])
+router = APIRouter()
 
 Sku = Path(max_length=64, examples=["KB-101"], description="Product SKU.")
+COMMAND_ERRORS: dict[int | str, dict[str, str]] = {
+    409: {"description": "Refused by the reservation's state (e.g. released before reserve)."},
+    422: {"description": "Invalid request, unknown SKU or insufficient stock (`reason` says)."},
+}
 
 
 class Product(BaseModel):
@@ -27,7 +35,7 @@ class Product(BaseModel):
     committed: int = Field(description="Units sold to completed orders.")
 
 
-@router.get("/products", summary="List every product with its stock.")
+@router.get("/products", tags=["products"], summary="List every product with its stock.")
 async def list_products(ctx: Ctx) -> list[Product]:
     async with ctx.db.pool.acquire() as conn:
         rows = await store.list_products(conn)
@@ -36,6 +44,7 @@ async def list_products(ctx: Ctx) -> list[Product]:
 
 @router.get(
     "/products/{sku}",
+    tags=["products"],
     summary="Show one product.",
     responses={404: {"description": "No product has this SKU."}},
 )
@@ -45,3 +54,65 @@ async def get_product(ctx: Ctx, sku: str = Sku) -> Product:
     if row is None:
         raise NotFound(f"no product with SKU {sku!r}")
     return Product(**dict(row))
+
+
+@router.post(
+    "/reservations",
+    tags=["reservations"],
+    summary="Reserve stock for an order (all lines or none); idempotent by key.",
+    status_code=201,
+    response_model=Reservation,
+    responses=COMMAND_ERRORS,
+)
+async def reserve(
+    body: ReserveRequest, ctx: Ctx, key: IdempotencyKey, request: Request
+) -> JSONResponse:
+    return await run_once(
+        ctx.db.pool,
+        key,
+        fingerprint=request_hash(body, path=request.url.path),
+        effect=lambda conn: commands.reserve_stock(conn, body),
+    )
+
+
+@router.post(
+    "/reservations/{order_id}/release",
+    tags=["reservations"],
+    summary="Release an order's reservation (compensation); idempotent by key.",
+    response_model=Reservation,
+    responses=COMMAND_ERRORS,
+)
+async def release(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
+    return await run_once(
+        ctx.db.pool,
+        key,
+        fingerprint=f"release:{order_id}",
+        effect=lambda conn: commands.release_stock(conn, order_id),
+    )
+
+
+@router.post(
+    "/reservations/{order_id}/commit",
+    tags=["reservations"],
+    summary="Commit an order's reservation: the units are sold; idempotent by key.",
+    response_model=Reservation,
+    responses={**COMMAND_ERRORS, 404: {"description": "No reservation for this order."}},
+)
+async def commit(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
+    return await run_once(
+        ctx.db.pool,
+        key,
+        fingerprint=f"commit:{order_id}",
+        effect=lambda conn: commands.commit_stock(conn, order_id),
+    )
+
+
+@router.get(
+    "/reservations/{order_id}",
+    tags=["reservations"],
+    summary="Show the reservation of an order.",
+    responses={404: {"description": "No reservation for this order."}},
+)
+async def get_reservation(order_id: uuid.UUID, ctx: Ctx) -> Reservation:
+    async with ctx.db.pool.acquire() as conn:
+        return await commands.load_reservation(conn, order_id)

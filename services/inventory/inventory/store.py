@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+from decimal import Decimal
+
 import asyncpg
 from ordermesh_shared.database import DbConn
 
@@ -16,3 +19,94 @@ async def list_products(conn: DbConn) -> list[asyncpg.Record]:
 async def get_product(conn: DbConn, sku: str) -> asyncpg.Record | None:
     """One product, or None."""
     return await conn.fetchrow(f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE sku = $1", sku)
+
+
+async def lock_reservation(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
+    """The order's reservation, locked until the transaction ends."""
+    return await conn.fetchrow(
+        "SELECT id, order_id, status FROM reservations WHERE order_id = $1 FOR UPDATE", order_id
+    )
+
+
+async def get_reservation(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
+    """The order's reservation, or None."""
+    return await conn.fetchrow(
+        "SELECT id, order_id, status FROM reservations WHERE order_id = $1", order_id
+    )
+
+
+async def reservation_items(conn: DbConn, reservation_id: uuid.UUID) -> list[asyncpg.Record]:
+    """The lines of a reservation, by SKU."""
+    return await conn.fetch(
+        "SELECT sku, quantity, unit_price FROM reservation_items"
+        " WHERE reservation_id = $1 ORDER BY sku",
+        reservation_id,
+    )
+
+
+async def take_stock(conn: DbConn, sku: str, quantity: int) -> Decimal | None:
+    """Move units from available to reserved; None when there are not enough (or no SKU).
+
+    The guarded UPDATE is the whole concurrency story: the row lock orders racing
+    reservations and ``available >= $2`` keeps stock from going negative.
+    """
+    price: Decimal | None = await conn.fetchval(
+        "UPDATE products SET available = available - $2, reserved = reserved + $2"
+        " WHERE sku = $1 AND available >= $2 RETURNING price",
+        sku,
+        quantity,
+    )
+    return price
+
+
+async def return_stock(conn: DbConn, sku: str, quantity: int) -> None:
+    """Move units from reserved back to available."""
+    await conn.execute(
+        "UPDATE products SET available = available + $2, reserved = reserved - $2 WHERE sku = $1",
+        sku,
+        quantity,
+    )
+
+
+async def sell_stock(conn: DbConn, sku: str, quantity: int) -> None:
+    """Move units from reserved to committed."""
+    await conn.execute(
+        "UPDATE products SET committed = committed + $2, reserved = reserved - $2 WHERE sku = $1",
+        sku,
+        quantity,
+    )
+
+
+async def insert_reservation(
+    conn: DbConn, reservation_id: uuid.UUID, order_id: uuid.UUID, status: str
+) -> None:
+    """A new reservation row (status 'released' marks a release that came first)."""
+    await conn.execute(
+        "INSERT INTO reservations (id, order_id, status) VALUES ($1, $2, $3)",
+        reservation_id,
+        order_id,
+        status,
+    )
+
+
+async def insert_item(
+    conn: DbConn, reservation_id: uuid.UUID, sku: str, quantity: int, price: Decimal
+) -> None:
+    """One reserved line."""
+    await conn.execute(
+        "INSERT INTO reservation_items (reservation_id, sku, quantity, unit_price)"
+        " VALUES ($1, $2, $3, $4)",
+        reservation_id,
+        sku,
+        quantity,
+        price,
+    )
+
+
+async def set_status(conn: DbConn, reservation_id: uuid.UUID, status: str) -> None:
+    """Move a reservation to a new status."""
+    await conn.execute(
+        "UPDATE reservations SET status = $2, updated_at = now() WHERE id = $1",
+        reservation_id,
+        status,
+    )

@@ -11,12 +11,13 @@ CREATE TABLE products (
 
 CREATE TABLE reservations (
     id          uuid PRIMARY KEY,
-    order_id    uuid NOT NULL,
+    -- One reservation per order: a release that arrives before its reserve leaves a
+    -- 'released' row behind, so the late reserve is refused instead of leaking stock.
+    order_id    uuid NOT NULL UNIQUE,
     status      text NOT NULL CHECK (status IN ('reserved', 'released', 'committed')),
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX reservations_order_id ON reservations (order_id);
 
 CREATE TABLE reservation_items (
     reservation_id  uuid NOT NULL REFERENCES reservations (id),

@@ -7,13 +7,14 @@ CREATE TABLE customers (
 
 CREATE TABLE payments (
     id           uuid PRIMARY KEY,
-    order_id     uuid NOT NULL,
-    customer_id  text NOT NULL REFERENCES customers (id),
-    amount       numeric(12, 2) NOT NULL CHECK (amount > 0),
-    status       text NOT NULL CHECK (status IN ('charged', 'refunded', 'declined')),
+    -- One payment per order: a refund that arrives before its charge leaves a 'voided'
+    -- row behind, so the late charge is refused instead of sticking.
+    order_id     uuid NOT NULL UNIQUE,
+    customer_id  text REFERENCES customers (id),
+    amount       numeric(12, 2) NOT NULL CHECK (amount >= 0),
+    status       text NOT NULL CHECK (status IN ('charged', 'refunded', 'declined', 'voided')),
     reason       text,
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX payments_order_id ON payments (order_id);
 CREATE INDEX payments_customer_id ON payments (customer_id);

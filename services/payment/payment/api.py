@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.errors import NotFound
+from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
 from pydantic import BaseModel, Field
 
-from payment import store
+from payment import commands, store
+from payment.domain import ChargeRequest, Payment
 
 router = APIRouter(tags=["customers"])
 
@@ -42,3 +46,51 @@ async def get_customer(ctx: Ctx, customer_id: str = CustomerId) -> Customer:
     if row is None:
         raise NotFound(f"no customer with id {customer_id!r}")
     return Customer(**dict(row))
+
+
+@router.post(
+    "/payments",
+    tags=["payments"],
+    summary="Charge a customer for an order; idempotent by key.",
+    status_code=201,
+    response_model=Payment,
+    responses={
+        409: {"description": "The order's payment was refunded or voided: a late charge."},
+        422: {"description": "Invalid request, unknown customer or insufficient funds."},
+    },
+)
+async def charge(
+    body: ChargeRequest, ctx: Ctx, key: IdempotencyKey, request: Request
+) -> JSONResponse:
+    return await run_once(
+        ctx.db.pool,
+        key,
+        fingerprint=request_hash(body, path=request.url.path),
+        effect=lambda conn: commands.charge_customer(conn, body),
+    )
+
+
+@router.post(
+    "/payments/{order_id}/refund",
+    tags=["payments"],
+    summary="Refund an order's charge (compensation); idempotent by key.",
+    response_model=Payment,
+)
+async def refund(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
+    return await run_once(
+        ctx.db.pool,
+        key,
+        fingerprint=f"refund:{order_id}",
+        effect=lambda conn: commands.refund_customer(conn, order_id),
+    )
+
+
+@router.get(
+    "/payments/{order_id}",
+    tags=["payments"],
+    summary="Show the payment of an order.",
+    responses={404: {"description": "No payment for this order."}},
+)
+async def get_payment(order_id: uuid.UUID, ctx: Ctx) -> Payment:
+    async with ctx.db.pool.acquire() as conn:
+        return await commands.load_payment(conn, order_id)

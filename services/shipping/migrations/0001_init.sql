@@ -6,10 +6,11 @@ CREATE TABLE destinations (
 
 CREATE TABLE shipments (
     id           uuid PRIMARY KEY,
-    order_id     uuid NOT NULL,
-    destination  char(2) NOT NULL REFERENCES destinations (code),
+    -- One shipment per order; a cancel before the create leaves a 'cancelled' row
+    -- (destination unknown) so the late create is refused.
+    order_id     uuid NOT NULL UNIQUE,
+    destination  char(2) REFERENCES destinations (code),
     status       text NOT NULL CHECK (status IN ('created', 'cancelled')),
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX shipments_order_id ON shipments (order_id);

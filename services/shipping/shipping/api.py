@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from typing import Literal
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.errors import NotFound
+from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
 from pydantic import BaseModel, Field
 
-from shipping import store
+from shipping import commands, store
+from shipping.domain import Shipment, ShipRequest
 
 router = APIRouter(tags=["shipping"])
 
@@ -24,22 +26,56 @@ class Destination(BaseModel):
     supported: bool
 
 
-class Shipment(BaseModel):
-    """A shipment created for an order."""
-
-    id: uuid.UUID
-    order_id: uuid.UUID
-    destination: str = Field(examples=["DE"])
-    status: Literal["created", "cancelled"]
-    created_at: datetime
-    updated_at: datetime
-
-
 @router.get("/destinations", summary="List destinations; orders to unsupported ones are cancelled.")
 async def list_destinations(ctx: Ctx) -> list[Destination]:
     async with ctx.db.pool.acquire() as conn:
         rows = await store.list_destinations(conn)
     return [Destination(**dict(r)) for r in rows]
+
+
+@router.post(
+    "/shipments",
+    summary="Create the shipment of an order; idempotent by key.",
+    status_code=201,
+    response_model=Shipment,
+    responses={
+        409: {"description": "The order's shipment was cancelled: a late create."},
+        422: {"description": "Invalid request or unsupported destination."},
+    },
+)
+async def create(
+    body: ShipRequest, ctx: Ctx, key: IdempotencyKey, request: Request
+) -> JSONResponse:
+    return await run_once(
+        ctx.db.pool,
+        key,
+        fingerprint=request_hash(body, path=request.url.path),
+        effect=lambda conn: commands.create_shipment(conn, body),
+    )
+
+
+@router.post(
+    "/shipments/by-order/{order_id}/cancel",
+    summary="Cancel the shipment of an order (compensation); idempotent by key.",
+    response_model=Shipment,
+)
+async def cancel(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
+    return await run_once(
+        ctx.db.pool,
+        key,
+        fingerprint=f"cancel:{order_id}",
+        effect=lambda conn: commands.cancel_shipment(conn, order_id),
+    )
+
+
+@router.get(
+    "/shipments",
+    summary="Find the shipment of an order.",
+    responses={404: {"description": "No shipment for this order."}},
+)
+async def find_shipment(ctx: Ctx, order_id: Annotated[uuid.UUID, Query()]) -> Shipment:
+    async with ctx.db.pool.acquire() as conn:
+        return await commands.load_shipment(conn, order_id)
 
 
 @router.get(

@@ -7,16 +7,56 @@ import uuid
 import asyncpg
 from ordermesh_shared.database import DbConn
 
+_SHIPMENT_COLUMNS = "id, order_id, destination, status, created_at, updated_at"
+
 
 async def list_destinations(conn: DbConn) -> list[asyncpg.Record]:
     """Every known destination, supported or not, by code."""
     return await conn.fetch("SELECT code, name, supported FROM destinations ORDER BY code")
 
 
+async def is_supported(conn: DbConn, code: str) -> bool:
+    """True if we ship to ``code``."""
+    return bool(await conn.fetchval("SELECT supported FROM destinations WHERE code = $1", code))
+
+
 async def get_shipment(conn: DbConn, shipment_id: uuid.UUID) -> asyncpg.Record | None:
     """One shipment, or None."""
     return await conn.fetchrow(
-        "SELECT id, order_id, destination, status, created_at, updated_at"
-        " FROM shipments WHERE id = $1",
-        shipment_id,
+        f"SELECT {_SHIPMENT_COLUMNS} FROM shipments WHERE id = $1", shipment_id
+    )
+
+
+async def shipment_of_order(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
+    """The order's shipment, or None."""
+    return await conn.fetchrow(
+        f"SELECT {_SHIPMENT_COLUMNS} FROM shipments WHERE order_id = $1", order_id
+    )
+
+
+async def lock_shipment(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
+    """The order's shipment, locked until the transaction ends."""
+    return await conn.fetchrow(
+        f"SELECT {_SHIPMENT_COLUMNS} FROM shipments WHERE order_id = $1 FOR UPDATE", order_id
+    )
+
+
+async def insert_shipment(
+    conn: DbConn, order_id: uuid.UUID, destination: str | None, status: str
+) -> None:
+    """A new shipment row for the order."""
+    await conn.execute(
+        "INSERT INTO shipments (id, order_id, destination, status) VALUES ($1, $2, $3, $4)",
+        uuid.uuid4(),
+        order_id,
+        destination,
+        status,
+    )
+
+
+async def cancel(conn: DbConn, order_id: uuid.UUID) -> None:
+    """Mark the order's shipment cancelled."""
+    await conn.execute(
+        "UPDATE shipments SET status = 'cancelled', updated_at = now() WHERE order_id = $1",
+        order_id,
     )

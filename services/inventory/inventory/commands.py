@@ -1,0 +1,87 @@
+"""Reserve, release and commit stock: each runs inside the idempotent command's transaction."""
+
+from __future__ import annotations
+
+import uuid
+from typing import NoReturn
+
+from asyncpg import Record
+from ordermesh_shared.database import DbConn
+from ordermesh_shared.errors import Conflict, NotFound, Rejected
+
+from inventory import store
+from inventory.domain import Reservation, ReservedLine, ReserveRequest, total_of
+
+
+async def reserve_stock(conn: DbConn, request: ReserveRequest) -> tuple[int, Reservation]:
+    """Hold every line or none (the caller's savepoint undoes a partial reservation)."""
+    existing = await store.lock_reservation(conn, request.order_id)
+    if existing is not None:
+        return 200, await _refuse_if_released(conn, existing)
+    reservation_id = uuid.uuid4()
+    await store.insert_reservation(conn, reservation_id, request.order_id, "reserved")
+    # SKU order: two orders racing for the same SKUs lock rows in one order (no deadlock).
+    for line in sorted(request.items, key=lambda item: item.sku):
+        price = await store.take_stock(conn, line.sku, line.quantity)
+        if price is None:
+            await _explain_shortage(conn, line.sku, line.quantity)
+        await store.insert_item(conn, reservation_id, line.sku, line.quantity, price)
+    return 201, await load_reservation(conn, request.order_id)
+
+
+async def _refuse_if_released(conn: DbConn, existing: Record) -> Reservation:
+    if existing["status"] == "released":
+        raise Conflict(
+            "the reservation for this order was already released; a late reserve is refused",
+            reason="released",
+        )
+    return await load_reservation(conn, existing["order_id"])
+
+
+async def _explain_shortage(conn: DbConn, sku: str, quantity: int) -> NoReturn:
+    product = await store.get_product(conn, sku)
+    if product is None:
+        raise Rejected(f"unknown SKU {sku!r}", reason="unknown_sku")
+    raise Rejected(
+        f"insufficient stock for {sku}: {product['available']} available, {quantity} requested",
+        reason="out_of_stock",
+    )
+
+
+async def release_stock(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Reservation]:
+    """Give held units back; a release before any reserve leaves a 'released' marker."""
+    existing = await store.lock_reservation(conn, order_id)
+    if existing is None:
+        await store.insert_reservation(conn, uuid.uuid4(), order_id, "released")
+    elif existing["status"] == "committed":
+        raise Conflict("the reservation was already committed (sold)", reason="committed")
+    elif existing["status"] == "reserved":
+        for line in await store.reservation_items(conn, existing["id"]):
+            await store.return_stock(conn, line["sku"], line["quantity"])
+        await store.set_status(conn, existing["id"], "released")
+    return 200, await load_reservation(conn, order_id)
+
+
+async def commit_stock(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Reservation]:
+    """Turn held units into sold units."""
+    existing = await store.lock_reservation(conn, order_id)
+    if existing is None:
+        raise NotFound(f"no reservation for order {order_id}")
+    if existing["status"] == "released":
+        raise Conflict("the reservation was released; it cannot be committed", reason="released")
+    if existing["status"] == "reserved":
+        for line in await store.reservation_items(conn, existing["id"]):
+            await store.sell_stock(conn, line["sku"], line["quantity"])
+        await store.set_status(conn, existing["id"], "committed")
+    return 200, await load_reservation(conn, order_id)
+
+
+async def load_reservation(conn: DbConn, order_id: uuid.UUID) -> Reservation:
+    """The reservation of an order as the API shows it."""
+    row = await store.get_reservation(conn, order_id)
+    if row is None:
+        raise NotFound(f"no reservation for order {order_id}")
+    items = [ReservedLine(**dict(r)) for r in await store.reservation_items(conn, row["id"])]
+    return Reservation(
+        id=row["id"], order_id=order_id, status=row["status"], items=items, total=total_of(items)
+    )

@@ -1,0 +1,76 @@
+"""Charge and refund: each runs inside the idempotent command's transaction."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from ordermesh_shared.database import DbConn
+from ordermesh_shared.errors import Conflict, NotFound, Rejected
+
+from payment import store
+from payment.domain import ChargeRequest, Payment
+
+DECLINED = 422
+
+
+async def charge_customer(conn: DbConn, request: ChargeRequest) -> tuple[int, Payment]:
+    """Charge once per order; a decline is recorded (and answered 422) like a charge."""
+    existing = await store.lock_payment(conn, request.order_id)
+    if existing is not None:
+        return _replay_status(existing["status"]), await _refuse_if_voided(conn, request.order_id)
+    if await store.get_customer(conn, request.customer_id) is None:
+        raise Rejected(f"unknown customer {request.customer_id!r}", reason="unknown_customer")
+    if await store.debit(conn, request.customer_id, request.amount):
+        await _record(conn, request, "charged")
+        return 201, await load_payment(conn, request.order_id)
+    await _record(conn, request, "declined", reason="insufficient_funds")
+    return DECLINED, await load_payment(conn, request.order_id)
+
+
+def _replay_status(status: str) -> int:
+    return DECLINED if status == "declined" else 200
+
+
+async def _refuse_if_voided(conn: DbConn, order_id: uuid.UUID) -> Payment:
+    payment = await load_payment(conn, order_id)
+    if payment.status in ("voided", "refunded"):
+        raise Conflict(
+            f"the payment for this order was already {payment.status}; a late charge is refused",
+            reason=payment.status,
+        )
+    return payment
+
+
+async def _record(
+    conn: DbConn, request: ChargeRequest, status: str, *, reason: str | None = None
+) -> None:
+    await store.insert_payment(
+        conn,
+        request.order_id,
+        customer_id=request.customer_id,
+        amount=request.amount,
+        status=status,
+        reason=reason,
+    )
+
+
+async def refund_customer(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Payment]:
+    """Undo the order's charge; a refund before any charge leaves a 'voided' marker."""
+    existing = await store.lock_payment(conn, order_id)
+    if existing is None:
+        await store.insert_payment(
+            conn, order_id, customer_id=None, amount=Decimal("0"), status="voided"
+        )
+    elif existing["status"] == "charged":
+        await store.credit(conn, existing["customer_id"], existing["amount"])
+        await store.set_status(conn, order_id, "refunded")
+    return 200, await load_payment(conn, order_id)
+
+
+async def load_payment(conn: DbConn, order_id: uuid.UUID) -> Payment:
+    """The payment of an order as the API shows it."""
+    row = await store.get_payment(conn, order_id)
+    if row is None:
+        raise NotFound(f"no payment for order {order_id}")
+    return Payment(**dict(row))
