@@ -3,48 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
-import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from inventory.app import SPEC as INVENTORY
 from inventory.app import InventorySettings
 from order.app import SPEC as ORDER
 from order.app import OrderSettings
-from ordermesh_shared.bootstrap import ServiceSpec, create_service_app
-from ordermesh_shared.config import ServiceSettings
 from payment.app import SPEC as PAYMENT
 from payment.app import PaymentSettings
 from shipping.app import SPEC as SHIPPING
 from shipping.app import ShippingSettings
 
+from tests.support.apps import running, wait_ready
 from tests.support.fakes import InMemoryRegistry
 
 pytestmark = pytest.mark.integration
-
-
-@asynccontextmanager
-async def running(
-    spec: ServiceSpec, settings: ServiceSettings, registry: InMemoryRegistry
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_service_app(spec, settings, registry_factory=lambda _s: registry)
-    async with LifespanManager(app, startup_timeout=10, shutdown_timeout=10) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
-            yield client
-
-
-async def wait_ready(client: httpx.AsyncClient, timeout: float = 10.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            response = await client.get("/health/ready")
-            if response.status_code == 200:
-                body: dict[str, Any] = response.json()
-                return body
-            await asyncio.sleep(0.1)
 
 
 async def test_inventory_migrates_seeds_and_serves_products(fresh_database: str) -> None:

@@ -1,0 +1,218 @@
+"""Participants' commands against real Postgres: idempotent, compensable, never negative."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from inventory.app import SPEC as INVENTORY
+from inventory.app import InventorySettings
+from payment.app import SPEC as PAYMENT
+from payment.app import PaymentSettings
+from shipping.app import SPEC as SHIPPING
+from shipping.app import ShippingSettings
+
+from tests.support.apps import context_of, running, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def inventory(fresh_database: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(INVENTORY, InventorySettings(database_url=fresh_database)) as client:
+        await wait_ready(client)
+        yield client
+
+
+@pytest.fixture
+async def payment(fresh_database: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(PAYMENT, PaymentSettings(database_url=fresh_database)) as client:
+        await wait_ready(client)
+        yield client
+
+
+@pytest.fixture
+async def shipping(fresh_database: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(SHIPPING, ShippingSettings(database_url=fresh_database)) as client:
+        await wait_ready(client)
+        yield client
+
+
+def key() -> dict[str, str]:
+    return {"Idempotency-Key": f"{uuid.uuid4()}:step"}
+
+
+async def stock(client: httpx.AsyncClient, sku: str) -> tuple[int, int, int]:
+    p = (await client.get(f"/products/{sku}")).json()
+    return p["available"], p["reserved"], p["committed"]
+
+
+async def test_reserve_commit_and_replay(inventory: httpx.AsyncClient) -> None:
+    order_id = str(uuid.uuid4())
+    body = {
+        "order_id": order_id,
+        "items": [{"sku": "KB-101", "quantity": 2}, {"sku": "MS-202", "quantity": 1}],
+    }
+    headers = key()
+    first = await inventory.post("/reservations", json=body, headers=headers)
+    assert first.status_code == 201
+    assert first.json()["total"] == "203.50"
+    replay = await inventory.post("/reservations", json=body, headers=headers)
+    assert (replay.status_code, replay.json()) == (201, first.json())
+    assert replay.headers["Idempotent-Replay"] == "true"
+    assert await stock(inventory, "KB-101") == (98, 2, 0)
+    committed = await inventory.post(f"/reservations/{order_id}/commit", headers=key())
+    assert committed.json()["status"] == "committed"
+    assert await stock(inventory, "KB-101") == (98, 0, 2)
+
+
+async def test_same_key_other_body_is_refused(inventory: httpx.AsyncClient) -> None:
+    headers = key()
+    body = {"order_id": str(uuid.uuid4()), "items": [{"sku": "KB-101", "quantity": 1}]}
+    await inventory.post("/reservations", json=body, headers=headers)
+    body["items"] = [{"sku": "KB-101", "quantity": 3}]
+    reused = await inventory.post("/reservations", json=body, headers=headers)
+    assert reused.status_code == 422
+    assert "different request" in reused.json()["detail"]
+    assert await stock(inventory, "KB-101") == (99, 1, 0)
+
+
+async def test_release_before_reserve_refuses_the_late_reserve(
+    inventory: httpx.AsyncClient,
+) -> None:
+    order_id = str(uuid.uuid4())
+    released = await inventory.post(f"/reservations/{order_id}/release", headers=key())
+    assert released.json()["status"] == "released"
+    late = await inventory.post(
+        "/reservations",
+        json={"order_id": order_id, "items": [{"sku": "KB-101", "quantity": 1}]},
+        headers=key(),
+    )
+    assert late.status_code == 409
+    assert late.json()["reason"] == "released"
+    assert await stock(inventory, "KB-101") == (100, 0, 0)
+
+
+async def test_shortage_reserves_nothing(inventory: httpx.AsyncClient) -> None:
+    body = {
+        "order_id": str(uuid.uuid4()),
+        "items": [{"sku": "KB-101", "quantity": 1}, {"sku": "HP-505", "quantity": 6}],
+    }
+    short = await inventory.post("/reservations", json=body, headers=key())
+    assert short.status_code == 422
+    assert short.json()["reason"] == "out_of_stock"
+    assert "5 available, 6 requested" in short.json()["detail"]
+    assert await stock(inventory, "KB-101") == (100, 0, 0)
+    unknown = await inventory.post(
+        "/reservations",
+        json={"order_id": str(uuid.uuid4()), "items": [{"sku": "ZZ-1", "quantity": 1}]},
+        headers=key(),
+    )
+    assert (unknown.status_code, unknown.json()["reason"]) == (422, "unknown_sku")
+
+
+async def test_fifty_racing_reservations_for_ten_units(inventory: httpx.AsyncClient) -> None:
+    async with context_of(inventory).db.pool.acquire() as conn:
+        await conn.execute("UPDATE products SET available = 10 WHERE sku = 'MN-303'")
+
+    async def reserve() -> int:
+        body = {"order_id": str(uuid.uuid4()), "items": [{"sku": "MN-303", "quantity": 1}]}
+        return (await inventory.post("/reservations", json=body, headers=key())).status_code
+
+    statuses = await asyncio.gather(*(reserve() for _ in range(50)))
+    assert statuses.count(201) == 10
+    assert statuses.count(422) == 40
+    assert await stock(inventory, "MN-303") == (0, 10, 0)
+
+
+async def test_bad_commands_are_4xx_and_write_nothing(inventory: httpx.AsyncClient) -> None:
+    order_id = str(uuid.uuid4())
+    bad_bodies = [
+        {"order_id": order_id, "items": [{"sku": "KB-101", "quantity": 0}]},
+        {"order_id": order_id, "items": [{"sku": "KB-101", "quantity": -1}]},
+        {"order_id": order_id, "items": [{"sku": "KB-101", "quantity": 10**9}]},
+        {"order_id": order_id, "items": [{"sku": "KB-101", "quantity": "two"}]},
+        {"order_id": order_id, "items": [{"sku": "KB-101", "quantity": 1}], "extra": 1},
+        {"order_id": order_id, "items": []},
+        {"items": [{"sku": "KB-101", "quantity": 1}]},
+    ]
+    for body in bad_bodies:
+        response = await inventory.post("/reservations", json=body, headers=key())
+        assert response.status_code == 422, body
+    no_key = await inventory.post(
+        "/reservations", json={"order_id": order_id, "items": [{"sku": "KB-101", "quantity": 1}]}
+    )
+    assert no_key.status_code == 422
+    assert "Idempotency-Key" in no_key.text
+    assert (await inventory.get(f"/reservations/{order_id}")).status_code == 404
+    assert await stock(inventory, "KB-101") == (100, 0, 0)
+
+
+async def test_charge_decline_refund_and_late_charge(payment: httpx.AsyncClient) -> None:
+    order_id = str(uuid.uuid4())
+    headers = key()
+    charge = {"order_id": order_id, "customer_id": "carol", "amount": "120.00"}
+    first = await payment.post("/payments", json=charge, headers=headers)
+    assert (first.status_code, first.json()["status"]) == (201, "charged")
+    assert (await payment.post("/payments", json=charge, headers=headers)).json() == first.json()
+    assert (await payment.get("/customers/carol")).json()["balance"] == "380.00"
+    refund = await payment.post(f"/payments/{order_id}/refund", headers=key())
+    assert refund.json()["status"] == "refunded"
+    assert (await payment.get("/customers/carol")).json()["balance"] == "500.00"
+    again = await payment.post("/payments", json=charge, headers=key())
+    assert (again.status_code, again.json()["reason"]) == (409, "refunded")
+    assert (await payment.get("/customers/carol")).json()["balance"] == "500.00"
+
+    declined = await payment.post(
+        "/payments",
+        json={"order_id": str(uuid.uuid4()), "customer_id": "dave", "amount": "25.00"},
+        headers=key(),
+    )
+    assert (declined.status_code, declined.json()["reason"]) == (422, "insufficient_funds")
+    assert (await payment.get("/customers/dave")).json()["balance"] == "20.00"
+    unknown = await payment.post(
+        "/payments",
+        json={"order_id": str(uuid.uuid4()), "customer_id": "zoe", "amount": "1.00"},
+        headers=key(),
+    )
+    assert (unknown.status_code, unknown.json()["reason"]) == (422, "unknown_customer")
+
+
+async def test_refund_before_charge_voids_the_late_charge(payment: httpx.AsyncClient) -> None:
+    order_id = str(uuid.uuid4())
+    voided = await payment.post(f"/payments/{order_id}/refund", headers=key())
+    assert voided.json()["status"] == "voided"
+    late = await payment.post(
+        "/payments",
+        json={"order_id": order_id, "customer_id": "bob", "amount": "10.00"},
+        headers=key(),
+    )
+    assert late.status_code == 409
+    assert (await payment.get("/customers/bob")).json()["balance"] == "5000.00"
+
+
+async def test_shipment_rules(shipping: httpx.AsyncClient) -> None:
+    order_id = str(uuid.uuid4())
+    created = await shipping.post(
+        "/shipments", json={"order_id": order_id, "destination": "DE"}, headers=key()
+    )
+    assert created.status_code == 201
+    found = await shipping.get("/shipments", params={"order_id": order_id})
+    assert found.json()["id"] == created.json()["id"]
+    cancelled = await shipping.post(f"/shipments/by-order/{order_id}/cancel", headers=key())
+    assert cancelled.json()["status"] == "cancelled"
+
+    antarctica = await shipping.post(
+        "/shipments", json={"order_id": str(uuid.uuid4()), "destination": "AQ"}, headers=key()
+    )
+    assert (antarctica.status_code, antarctica.json()["reason"]) == (422, "unsupported_destination")
+
+    early_cancel = str(uuid.uuid4())
+    await shipping.post(f"/shipments/by-order/{early_cancel}/cancel", headers=key())
+    late = await shipping.post(
+        "/shipments", json={"order_id": early_cancel, "destination": "FR"}, headers=key()
+    )
+    assert (late.status_code, late.json()["reason"]) == (409, "cancelled")

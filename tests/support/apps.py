@@ -1,0 +1,46 @@
+"""Run a service app in-process for tests: real Postgres and RabbitMQ, a fake registry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from asgi_lifespan import LifespanManager
+from ordermesh_shared.bootstrap import ServiceContext, ServiceSpec, create_service_app
+from ordermesh_shared.config import ServiceSettings
+
+from tests.support.fakes import InMemoryRegistry
+
+
+@asynccontextmanager
+async def running(
+    spec: ServiceSpec, settings: ServiceSettings, registry: InMemoryRegistry | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, and an httpx client wired to it in-process."""
+    fake = registry or InMemoryRegistry()
+    app = create_service_app(spec, settings, registry_factory=lambda _s: fake)
+    async with LifespanManager(app, startup_timeout=10, shutdown_timeout=10) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            client.app_context = app.state.ctx  # type: ignore[attr-defined]
+            yield client
+
+
+def context_of(client: httpx.AsyncClient) -> ServiceContext:
+    """The ServiceContext of the app behind ``client``."""
+    ctx: ServiceContext = client.app_context  # type: ignore[attr-defined]
+    return ctx
+
+
+async def wait_ready(client: httpx.AsyncClient, within: float = 10.0) -> dict[str, Any]:
+    """Poll /health/ready until 200; returns its body."""
+    async with asyncio.timeout(within):
+        while True:
+            response = await client.get("/health/ready")
+            if response.status_code == 200:
+                body: dict[str, Any] = response.json()
+                return body
+            await asyncio.sleep(0.05)
