@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 
 from ordermesh_shared.broker import Broker
 from ordermesh_shared.config import DEFAULT_ADMIN_TOKEN, ServiceSettings, load_settings
-from ordermesh_shared.database import Database, prepare_database
+from ordermesh_shared.database import Database, MigrationSet, prepare_database
 from ordermesh_shared.discovery import Registry, RegistryError, ServiceInstance
 from ordermesh_shared.errors import install_error_handlers
 from ordermesh_shared.health import Health, health_router
@@ -67,6 +67,8 @@ class ServiceSpec:
     description: str = ""
     version: str = "0.1.0"
     setup: Setup | None = None
+    # Tables of shared components this service opts into (e.g. the saga engine's).
+    extra_migrations: Sequence[MigrationSet] = ()
 
 
 def get_context(request: Request) -> ServiceContext:
@@ -123,7 +125,10 @@ def _lifespan(
             ctx = await _open_context(stack, spec, settings, metrics, registry_factory)
             app.state.ctx = ctx
             app.include_router(health_router(ctx.health))
-            ctx.tasks.start(prepare_database(ctx.db, spec.migrations), name="migrate")
+            ctx.tasks.start(
+                prepare_database(ctx.db, spec.migrations, extra=spec.extra_migrations),
+                name="migrate",
+            )
             if spec.setup is not None:
                 await stack.enter_async_context(spec.setup(ctx))
             ctx.tasks.start(keep_registered(ctx), name="presence")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -191,8 +192,16 @@ def _is_transient(exc: BaseException) -> bool:
     )
 
 
-async def prepare_database(db: Database, migrations: Path, *, max_wait: float = 10.0) -> None:
-    """Apply the shared and then the service's migrations, retrying while Postgres is down."""
+async def prepare_database(
+    db: Database,
+    migrations: Path,
+    *,
+    extra: Sequence[MigrationSet] = (),
+    max_wait: float = 10.0,
+) -> None:
+    """Apply the shared, the extra and then the service's migrations, retrying while
+    Postgres is down."""
+    sets = (SHARED_MIGRATIONS, *extra, MigrationSet("service", migrations))
     retrying = AsyncRetrying(
         retry=retry_if_exception(_is_transient),
         wait=wait_random_exponential(multiplier=0.2, max=max_wait),
@@ -204,5 +213,5 @@ async def prepare_database(db: Database, migrations: Path, *, max_wait: float = 
     )
     async for attempt in retrying:
         with attempt:
-            applied = await db.migrate(SHARED_MIGRATIONS, MigrationSet("service", migrations))
+            applied = await db.migrate(*sets)
     log.info("database.migrated", applied=applied)

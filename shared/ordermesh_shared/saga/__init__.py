@@ -1,0 +1,27 @@
+"""Orchestrated sagas persisted in Postgres: steps, compensations, crash recovery."""
+
+from pathlib import Path
+
+from ordermesh_shared.database import MigrationSet
+from ordermesh_shared.saga.definition import (
+    SagaDefinition,
+    SagaOutcome,
+    SagaPolicy,
+    Step,
+    StepCall,
+    StepFailed,
+)
+from ordermesh_shared.saga.engine import SagaEngine
+
+SAGA_MIGRATIONS = MigrationSet("saga", Path(__file__).resolve().parent / "migrations")
+
+__all__ = [
+    "SAGA_MIGRATIONS",
+    "SagaDefinition",
+    "SagaEngine",
+    "SagaOutcome",
+    "SagaPolicy",
+    "Step",
+    "StepCall",
+    "StepFailed",
+]

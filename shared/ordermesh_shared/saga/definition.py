@@ -1,0 +1,98 @@
+"""What a saga is: ordered steps, each an action and the compensation that undoes it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from ordermesh_shared.database import DbConn
+
+InputT = TypeVar("InputT")
+
+SagaStatus = str  # running | compensating | completed | cancelled | compensation_failed
+TERMINAL = ("completed", "cancelled", "compensation_failed")
+
+
+class StepFailed(Exception):
+    """A business "no" from a step: nothing happened, so compensate what came before.
+
+    Raise it from an action (never for faults: any other exception is treated as a fault
+    and the step is retried with the same idempotency key until the saga's deadline).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class StepCall(Generic[InputT]):
+    """What an action or compensation gets: one frozen input plus earlier steps' results."""
+
+    saga_id: uuid.UUID
+    step: str
+    key: str  # the idempotency key: "<saga_id>:<step>" (compensations add ":undo")
+    input: InputT
+    data: Mapping[str, Any]
+
+
+Action = Callable[[StepCall[InputT]], Awaitable[Mapping[str, Any] | None]]
+Compensation = Callable[[StepCall[InputT]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Step(Generic[InputT]):
+    """One step; its compensation is registered (persisted) before its action runs."""
+
+    name: str
+    action: Action[InputT]
+    compensation: Compensation[InputT] | None = None
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class SagaOutcome:
+    """How a saga ended, handed to ``on_finish`` inside the transaction that records it."""
+
+    saga_id: uuid.UUID
+    status: SagaStatus
+    reason: str | None
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SagaDefinition(Generic[InputT]):
+    """A named, ordered list of steps.
+
+    >>> definition = SagaDefinition("place_order", steps=(reserve, charge, ship),
+    ...                             encode=asdict, decode=PlaceOrder.from_json,
+    ...                             on_finish=record_order_outcome)
+    """
+
+    name: str
+    steps: tuple[Step[InputT], ...]
+    encode: Callable[[InputT], Mapping[str, Any]]
+    decode: Callable[[Mapping[str, Any]], InputT]
+    on_finish: Callable[[DbConn, SagaOutcome], Awaitable[None]] | None = None
+    by_name: dict[str, Step[InputT]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"saga {self.name}: step names must be unique, got {names}")
+        object.__setattr__(self, "by_name", {s.name: s for s in self.steps})
+
+
+@dataclass(frozen=True, slots=True)
+class SagaPolicy:
+    """Timing of forward retries, compensation retries and ownership leases."""
+
+    forward_deadline: float = 10.0  # seconds from the saga's start to keep retrying faults
+    retry_backoff_max: float = 1.0
+    compensation_attempts: int = 8  # then the saga is parked as compensation_failed
+    compensation_backoff_max: float = 5.0
+    lease_ttl: float = 5.0  # a crashed owner's sagas are taken over after this
+    shutdown_grace: float = 5.0  # how long shutdown lets running compensations finish

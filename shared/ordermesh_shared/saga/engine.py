@@ -1,0 +1,370 @@
+"""The saga orchestrator: runs sagas forward, compensates in reverse, resumes after crashes.
+
+State is persisted before and after every step; a step's compensation is registered before
+its action runs; compensations are shielded from cancellation and retried with backoff
+until they succeed or, past a limit, the saga is parked as ``compensation_failed`` with the
+reason (visible, and resumable with :meth:`SagaEngine.reopen`). A recovery loop takes over
+sagas whose owner died and re-sends the in-doubt step with the same idempotency key.
+
+>>> async with SagaEngine(db.pool, owner=instance_id, definitions=[PLACE_ORDER]) as engine:
+...     async with pool.acquire() as conn, conn.transaction():
+...         await engine.create(conn, PLACE_ORDER, saga_id, order_input)   # with the order row
+...     engine.launch(saga_id)                                              # after commit
+...     await engine.wait(saga_id, timeout=2.0)                             # True if it ended
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import replace
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import structlog
+
+from ordermesh_shared.database import DbConn
+from ordermesh_shared.saga import store
+from ordermesh_shared.saga.definition import (
+    TERMINAL,
+    SagaDefinition,
+    SagaOutcome,
+    SagaPolicy,
+    Step,
+    StepCall,
+    StepFailed,
+)
+from ordermesh_shared.saga.store import LostOwnership, SagaRow
+
+log = structlog.get_logger(__name__)
+
+
+class GaveUp(Exception):
+    """A step kept failing with faults until the saga's forward deadline passed."""
+
+
+class SagaEngine:
+    """Owns the running sagas of one process, its lease heartbeat and the recovery loop."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        owner: str,
+        definitions: Iterable[SagaDefinition[Any]],
+        policy: SagaPolicy | None = None,
+    ) -> None:
+        self._pool = pool
+        self.instance = owner
+        # A fresh suffix per run: a restarted instance recognises its predecessor's sagas.
+        self.owner = f"{owner}/{uuid.uuid4().hex[:8]}"
+        self._definitions = {d.name: d for d in definitions}
+        self.policy = policy or SagaPolicy()
+        self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._compensations: set[asyncio.Task[None]] = set()
+        self._finished: dict[uuid.UUID, asyncio.Event] = {}
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> SagaEngine:
+        self._loops = [
+            asyncio.create_task(self._heartbeat(), name="saga-heartbeat"),
+            asyncio.create_task(self._recover(), name="saga-recovery"),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in [*self._loops, *self._running.values()]:
+            task.cancel()
+        if self._compensations:
+            # Let undo work finish if it can; what cannot is resumed by the next owner.
+            await asyncio.wait(self._compensations, timeout=self.policy.shutdown_grace)
+        for task in self._compensations:
+            task.cancel()
+        pending = [*self._loops, *self._running.values(), *self._compensations]
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def create(
+        self, conn: DbConn, definition: SagaDefinition[Any], saga_id: uuid.UUID, value: Any
+    ) -> None:
+        """Persist a new saga in the caller's transaction; :meth:`launch` it after commit."""
+        await store.insert_saga(
+            conn,
+            saga_id,
+            definition.name,
+            definition.encode(value),
+            owner=self.owner,
+            ttl=self.policy.lease_ttl,
+        )
+
+    def launch(self, saga_id: uuid.UUID) -> None:
+        """Run the saga in the background (no-op if it already runs in this process)."""
+        if saga_id in self._running:
+            return
+        self._finished.setdefault(saga_id, asyncio.Event())
+        task = asyncio.create_task(self._run(saga_id), name=f"saga-{saga_id}")
+        self._running[saga_id] = task
+        task.add_done_callback(lambda t: self._done(saga_id, t))
+
+    async def wait(self, saga_id: uuid.UUID, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait up to ``timeout`` s for the saga to end here; True if it did."""
+        event = self._finished.setdefault(saga_id, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def reopen(self, conn: DbConn, saga_id: uuid.UUID) -> bool:
+        """Resume compensating a parked saga (in the caller's transaction; launch after)."""
+        return await store.reopen_parked(conn, saga_id, self.owner, self.policy.lease_ttl)
+
+    def _done(self, saga_id: uuid.UUID, task: asyncio.Task[None]) -> None:
+        self._running.pop(saga_id, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("saga.crashed", saga_id=str(saga_id), exc_info=exc)
+
+    async def _run(self, saga_id: uuid.UUID) -> None:
+        try:
+            async with self._pool.acquire() as conn:
+                saga = await store.load_saga(conn, saga_id)
+            if saga is None or saga.status in TERMINAL:
+                return
+            definition = self._definitions[saga.name]
+            if saga.status == "running":
+                saga = await self._forward(definition, saga)
+            if saga.status == "compensating":
+                await self._shielded_compensation(definition, saga)
+        except LostOwnership:
+            log.warning("saga.taken_over", saga_id=str(saga_id))
+        finally:
+            self._finished.setdefault(saga_id, asyncio.Event()).set()
+            self._finished.pop(saga_id, None)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    async def _forward(self, definition: SagaDefinition[Any], saga: SagaRow) -> SagaRow:
+        value = definition.decode(saga.input)
+        data = dict(saga.data)
+        deadline = time.monotonic() + self.policy.forward_deadline
+        statuses = await self._statuses(saga.id)
+        for position, step in enumerate(definition.steps):
+            if statuses.get((step.name, "forward")) == "succeeded":
+                continue
+            outcome = await self._forward_step(saga.id, step, position, value, data, deadline)
+            if outcome is not None:
+                await self._set_status(saga.id, "compensating", outcome)
+                return replace(saga, status="compensating", data=data)
+        await self._finish(definition, saga.id, "completed", None, data)
+        return replace(saga, status="completed", data=data)
+
+    async def _forward_step(
+        self,
+        saga_id: uuid.UUID,
+        step: Step[Any],
+        position: int,
+        value: Any,
+        data: dict[str, Any],
+        deadline: float,
+    ) -> str | None:
+        """Run one step; returns None on success, else the failure reason."""
+        await self._write(
+            store.step_started,
+            saga_id,
+            self.owner,
+            step=step.name,
+            direction="forward",
+            position=position,
+        )
+        call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}", value, dict(data))
+        try:
+            result = await self._attempts(call, step, deadline)
+        except StepFailed as failure:
+            await self._end_step(saga_id, step.name, "forward", "rejected")
+            return f"{failure.reason}: {failure.detail}"
+        except GaveUp as gave_up:
+            await self._end_step(saga_id, step.name, "forward", "failed")
+            return f"{step.name} failed: {gave_up}"
+        data.update(result or {})
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.merge_data(conn, saga_id, self.owner, result or {})
+            await store.step_finished(
+                conn, saga_id, step=step.name, direction="forward", status="succeeded"
+            )
+        return None
+
+    async def _attempts(self, call: StepCall[Any], step: Step[Any], deadline: float) -> Any:
+        """Retry faults with jittered backoff until the deadline (at least one attempt)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with asyncio.timeout(step.timeout):
+                    result = await step.action(call)
+            except StepFailed as failure:
+                await self._attempt(call.saga_id, step.name, "forward", str(failure))
+                raise
+            except Exception as exc:
+                error = _describe(exc)
+                await self._attempt(call.saga_id, step.name, "forward", error)
+                pause = random.uniform(0, min(self.policy.retry_backoff_max, 0.05 * 2**attempt))
+                if time.monotonic() + pause >= deadline:
+                    raise GaveUp(error) from exc
+                await asyncio.sleep(pause)
+                continue
+            await self._attempt(call.saga_id, step.name, "forward", None)
+            return result
+
+    # -- compensation ----------------------------------------------------------------------
+
+    async def _shielded_compensation(self, definition: SagaDefinition[Any], saga: SagaRow) -> None:
+        # A shutdown (cancellation of the saga task) must not cut an undo in half.
+        task = asyncio.create_task(self._compensate(definition, saga), name=f"undo-{saga.id}")
+        self._compensations.add(task)
+        task.add_done_callback(self._compensations.discard)
+        await asyncio.shield(task)
+
+    async def _compensate(self, definition: SagaDefinition[Any], saga: SagaRow) -> None:
+        async with self._pool.acquire() as conn:
+            current = await store.load_saga(conn, saga.id)
+        assert current is not None
+        value = definition.decode(current.input)
+        statuses = await self._statuses(saga.id)
+        registered = definition.steps[: current.started_steps]
+        for position in reversed(range(len(registered))):
+            step = registered[position]
+            if not _needs_undo(step, statuses):
+                continue
+            if not await self._undo_step(saga.id, step, position, value, current.data):
+                reason = f"compensation of {step.name} kept failing; retry via the operator API"
+                await self._finish(definition, saga.id, "compensation_failed", reason, current.data)
+                return
+        await self._finish(definition, saga.id, "cancelled", None, current.data)
+
+    async def _undo_step(
+        self, saga_id: uuid.UUID, step: Step[Any], position: int, value: Any, data: dict[str, Any]
+    ) -> bool:
+        assert step.compensation is not None
+        await self._write(
+            store.step_started,
+            saga_id,
+            self.owner,
+            step=step.name,
+            direction="compensate",
+            position=position,
+        )
+        call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}:undo", value, data)
+        for attempt in range(1, self.policy.compensation_attempts + 1):
+            try:
+                async with asyncio.timeout(step.timeout):
+                    await step.compensation(call)
+            except Exception as exc:
+                await self._attempt(saga_id, step.name, "compensate", _describe(exc))
+                cap = self.policy.compensation_backoff_max
+                await asyncio.sleep(random.uniform(0, min(cap, 0.1 * 2**attempt)))
+                continue
+            await self._attempt(saga_id, step.name, "compensate", None)
+            await self._end_step(saga_id, step.name, "compensate", "succeeded")
+            return True
+        await self._end_step(saga_id, step.name, "compensate", "failed")
+        return False
+
+    # -- persistence helpers ---------------------------------------------------------------
+
+    async def _finish(
+        self,
+        definition: SagaDefinition[Any],
+        saga_id: uuid.UUID,
+        status: str,
+        reason: str | None,
+        data: dict[str, Any],
+    ) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await store.load_saga(conn, saga_id)
+            first_reason = row.failure_reason if row is not None else None
+            await store.set_status(conn, saga_id, self.owner, status, reason)
+            if definition.on_finish is not None:
+                outcome = SagaOutcome(saga_id, status, first_reason or reason, data)
+                await definition.on_finish(conn, outcome)
+        log.info(
+            "saga.finished", saga_id=str(saga_id), status=status, reason=first_reason or reason
+        )
+
+    async def _set_status(self, saga_id: uuid.UUID, status: str, reason: str) -> None:
+        async with self._pool.acquire() as conn:
+            await store.set_status(conn, saga_id, self.owner, status, reason)
+
+    async def _attempt(
+        self, saga_id: uuid.UUID, step: str, direction: str, error: str | None
+    ) -> None:
+        async with self._pool.acquire() as conn:
+            await store.attempt_made(conn, saga_id, step=step, direction=direction, error=error)
+
+    async def _end_step(self, saga_id: uuid.UUID, step: str, direction: str, status: str) -> None:
+        async with self._pool.acquire() as conn:
+            await store.step_finished(conn, saga_id, step=step, direction=direction, status=status)
+
+    async def _write(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await fn(conn, *args, **kwargs)
+
+    async def _statuses(self, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:
+        async with self._pool.acquire() as conn:
+            return await store.step_statuses(conn, saga_id)
+
+    # -- background loops ------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.lease_ttl / 3)
+            await _quietly("saga.heartbeat_failed", self._renew())
+
+    async def _renew(self) -> None:
+        async with self._pool.acquire() as conn:
+            await store.renew_leases(conn, self.owner, self.policy.lease_ttl)
+
+    async def _recover(self) -> None:
+        while True:
+            await _quietly("saga.recovery_failed", self._claim_and_launch())
+            await asyncio.sleep(self.policy.lease_ttl / 2)
+
+    async def _claim_and_launch(self) -> None:
+        async with self._pool.acquire() as conn:
+            claimed = await store.claim_orphans(
+                conn, self.owner, instance=self.instance, ttl=self.policy.lease_ttl
+            )
+        for saga_id in claimed:
+            log.info("saga.recovered", saga_id=str(saga_id))
+            self.launch(saga_id)
+
+
+def _needs_undo(step: Step[Any], statuses: dict[tuple[str, str], str]) -> bool:
+    # A step the participant rejected did nothing; one already undone needs nothing more.
+    forward = statuses.get((step.name, "forward"))
+    return (
+        step.compensation is not None
+        and forward not in (None, "rejected")
+        and statuses.get((step.name, "compensate")) != "succeeded"
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _quietly(event: str, work: Any) -> None:
+    try:
+        await work
+    except (OSError, asyncpg.PostgresError) as exc:
+        # The database may be restarting; the loop tries again on its next tick.
+        log.warning(event, error=str(exc))

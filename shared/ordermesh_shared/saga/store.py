@@ -1,0 +1,218 @@
+"""The saga engine's SQL: one function per query. Writes check ownership, so a process that
+lost its lease (paused, partitioned) cannot move a saga another process has taken over."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from ordermesh_shared.database import DbConn
+
+
+class LostOwnership(Exception):
+    """Another process took this saga over; stop working on it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRow:
+    """A saga as stored."""
+
+    id: uuid.UUID
+    name: str
+    status: str
+    input: dict[str, Any]
+    data: dict[str, Any]
+    started_steps: int
+    failure_reason: str | None
+
+
+def _row(record: asyncpg.Record) -> SagaRow:
+    return SagaRow(
+        id=record["id"],
+        name=record["name"],
+        status=record["status"],
+        input=json.loads(record["input"]),
+        data=json.loads(record["data"]),
+        started_steps=record["started_steps"],
+        failure_reason=record["failure_reason"],
+    )
+
+
+async def insert_saga(
+    conn: DbConn,
+    saga_id: uuid.UUID,
+    name: str,
+    payload: Mapping[str, Any],
+    *,
+    owner: str,
+    ttl: float,
+) -> None:
+    """A new running saga, owned by ``owner`` (call inside the caller's transaction)."""
+    await conn.execute(
+        "INSERT INTO sagas (id, name, status, input, owner, lease_until)"
+        " VALUES ($1, $2, 'running', $3, $4, now() + make_interval(secs => $5))",
+        saga_id,
+        name,
+        json.dumps(payload),
+        owner,
+        ttl,
+    )
+
+
+async def load_saga(conn: DbConn, saga_id: uuid.UUID) -> SagaRow | None:
+    """A saga, or None."""
+    record = await conn.fetchrow(
+        "SELECT id, name, status, input, data, started_steps, failure_reason"
+        " FROM sagas WHERE id = $1",
+        saga_id,
+    )
+    return _row(record) if record is not None else None
+
+
+async def _owned(conn: DbConn, sql: str, saga_id: uuid.UUID, owner: str, *args: Any) -> None:
+    done = await conn.fetchval(
+        sql + " WHERE id = $1 AND owner = $2 RETURNING 1", saga_id, owner, *args
+    )
+    if done is None:
+        raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
+
+
+async def step_started(
+    conn: DbConn, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, position: int
+) -> None:
+    """Persist "about to run" (for a forward step: its compensation is now registered)."""
+    if direction == "forward":
+        await _owned(
+            conn,
+            "UPDATE sagas SET started_steps = GREATEST(started_steps, $3), updated_at = now()",
+            saga_id,
+            owner,
+            position + 1,
+        )
+    await conn.execute(
+        "INSERT INTO saga_steps (saga_id, step, direction, position, status)"
+        " VALUES ($1, $2, $3, $4, 'started')"
+        " ON CONFLICT (saga_id, step, direction) DO UPDATE SET status = 'started'",
+        saga_id,
+        step,
+        direction,
+        position,
+    )
+
+
+async def attempt_made(
+    conn: DbConn, saga_id: uuid.UUID, *, step: str, direction: str, error: str | None
+) -> None:
+    """Count an attempt and keep its error (None when it succeeded)."""
+    await conn.execute(
+        "UPDATE saga_steps SET attempts = attempts + 1, last_error = COALESCE($4, last_error)"
+        " WHERE saga_id = $1 AND step = $2 AND direction = $3",
+        saga_id,
+        step,
+        direction,
+        error,
+    )
+
+
+async def step_finished(
+    conn: DbConn, saga_id: uuid.UUID, *, step: str, direction: str, status: str
+) -> None:
+    """Persist a step's end: succeeded, rejected (a business no) or failed (gave up)."""
+    await conn.execute(
+        "UPDATE saga_steps SET status = $4, finished_at = now()"
+        " WHERE saga_id = $1 AND step = $2 AND direction = $3",
+        saga_id,
+        step,
+        direction,
+        status,
+    )
+
+
+async def merge_data(conn: DbConn, saga_id: uuid.UUID, owner: str, data: Mapping[str, Any]) -> None:
+    """Add a step's results to the saga's data."""
+    await _owned(
+        conn,
+        "UPDATE sagas SET data = data || $3::jsonb, updated_at = now()",
+        saga_id,
+        owner,
+        json.dumps(dict(data), default=str),
+    )
+
+
+async def set_status(
+    conn: DbConn, saga_id: uuid.UUID, owner: str, status: str, reason: str | None
+) -> None:
+    """Move the saga to ``status`` (keeping the first failure reason)."""
+    await _owned(
+        conn,
+        "UPDATE sagas SET status = $3, failure_reason = COALESCE(failure_reason, $4),"
+        " updated_at = now()",
+        saga_id,
+        owner,
+        status,
+        reason,
+    )
+
+
+async def step_statuses(conn: DbConn, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:
+    """(step, direction) -> status for every logged step."""
+    rows = await conn.fetch(
+        "SELECT step, direction, status FROM saga_steps WHERE saga_id = $1", saga_id
+    )
+    return {(r["step"], r["direction"]): r["status"] for r in rows}
+
+
+async def step_log(conn: DbConn, saga_id: uuid.UUID) -> list[asyncpg.Record]:
+    """The step history, in the order things happened."""
+    return await conn.fetch(
+        "SELECT step, direction, status, attempts, last_error, started_at, finished_at"
+        " FROM saga_steps WHERE saga_id = $1 ORDER BY started_at, direction DESC",
+        saga_id,
+    )
+
+
+async def renew_leases(conn: DbConn, owner: str, ttl: float) -> None:
+    """Keep this process's unfinished sagas from being taken over."""
+    await conn.execute(
+        "UPDATE sagas SET lease_until = now() + make_interval(secs => $2)"
+        " WHERE owner = $1 AND status IN ('running', 'compensating')",
+        owner,
+        ttl,
+    )
+
+
+async def claim_orphans(
+    conn: DbConn, owner: str, *, instance: str, ttl: float, limit: int = 50
+) -> list[uuid.UUID]:
+    """Take over unfinished sagas whose owner's lease lapsed, or whose owner was an earlier
+    run of this very instance (it restarted, so it is dead: no need to wait for the lease)."""
+    rows = await conn.fetch(
+        "UPDATE sagas SET owner = $1, lease_until = now() + make_interval(secs => $3)"
+        " WHERE id IN (SELECT id FROM sagas WHERE status IN ('running', 'compensating')"
+        "   AND (lease_until < now() OR (owner LIKE $2 || '/%' AND owner <> $1))"
+        "   ORDER BY created_at LIMIT $4 FOR UPDATE SKIP LOCKED)"
+        " RETURNING id",
+        owner,
+        instance,
+        ttl,
+        limit,
+    )
+    return [r["id"] for r in rows]
+
+
+async def reopen_parked(conn: DbConn, saga_id: uuid.UUID, owner: str, ttl: float) -> bool:
+    """Put a parked (compensation_failed) saga back to compensating, owned by ``owner``."""
+    done = await conn.fetchval(
+        "UPDATE sagas SET status = 'compensating', owner = $2,"
+        " lease_until = now() + make_interval(secs => $3), updated_at = now()"
+        " WHERE id = $1 AND status = 'compensation_failed' RETURNING 1",
+        saga_id,
+        owner,
+        ttl,
+    )
+    return done is not None
