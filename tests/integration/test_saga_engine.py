@@ -1,0 +1,236 @@
+"""The saga engine against a real Postgres, with in-process step functions."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+from ordermesh_shared.database import Database
+from ordermesh_shared.saga import (
+    SAGA_MIGRATIONS,
+    SagaDefinition,
+    SagaEngine,
+    SagaOutcome,
+    SagaPolicy,
+    Step,
+    StepCall,
+    StepFailed,
+)
+
+pytestmark = pytest.mark.integration
+
+FAST = SagaPolicy(
+    forward_deadline=1.0,
+    retry_backoff_max=0.05,
+    compensation_attempts=3,
+    compensation_backoff_max=0.01,
+    lease_ttl=0.6,
+    shutdown_grace=1.0,
+)
+
+
+@dataclass(frozen=True)
+class Trip:
+    city: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Trip:
+        return cls(**data)
+
+
+class World:
+    """Participants that log what they were asked to do, with scripted failures."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.keys: list[str] = []
+        self.failures: dict[str, list[Exception]] = {}
+        self.hang: set[str] = set()
+        self.outcomes: list[SagaOutcome] = []
+
+    def step(self, name: str) -> Step[Trip]:
+        async def action(call: StepCall[Trip]) -> dict[str, Any]:
+            return await self._do(name, call)
+
+        async def undo(call: StepCall[Trip]) -> None:
+            await self._do(f"undo-{name}", call)
+
+        return Step(name, action, undo, timeout=0.3)
+
+    async def _do(self, name: str, call: StepCall[Trip]) -> dict[str, Any]:
+        self.calls.append(name)
+        self.keys.append(call.key)
+        if name in self.hang:
+            await asyncio.sleep(3600)
+        queued = self.failures.get(name)
+        if queued:
+            raise queued.pop(0)
+        return {f"{name}_done": call.input.city}
+
+    def definition(self) -> SagaDefinition[Trip]:
+        async def record(_conn: Any, outcome: SagaOutcome) -> None:
+            self.outcomes.append(outcome)
+
+        return SagaDefinition(
+            "trip",
+            steps=(self.step("flight"), self.step("hotel"), self.step("car")),
+            encode=asdict,
+            decode=Trip.from_json,
+            on_finish=record,
+        )
+
+
+@pytest.fixture
+async def pool(fresh_database: str) -> AsyncIterator[asyncpg.Pool]:
+    async with Database(fresh_database) as db:
+        await db.migrate(SAGA_MIGRATIONS)
+        yield db.pool
+
+
+async def start(
+    engine: SagaEngine, pool: asyncpg.Pool, definition: SagaDefinition[Trip]
+) -> uuid.UUID:
+    saga_id = uuid.uuid4()
+    async with pool.acquire() as conn, conn.transaction():
+        await engine.create(conn, definition, saga_id, Trip("Lisbon"))
+    engine.launch(saga_id)
+    return saga_id
+
+
+async def saga_status(pool: asyncpg.Pool, saga_id: uuid.UUID) -> tuple[str, str | None]:
+    row = await pool.fetchrow("SELECT status, failure_reason FROM sagas WHERE id = $1", saga_id)
+    return row["status"], row["failure_reason"]
+
+
+async def test_happy_path_runs_every_step_once_with_stable_keys(pool: asyncpg.Pool) -> None:
+    world = World()
+    definition = world.definition()
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=5)
+    assert world.calls == ["flight", "hotel", "car"]
+    assert world.keys == [f"{saga_id}:flight", f"{saga_id}:hotel", f"{saga_id}:car"]
+    assert await saga_status(pool, saga_id) == ("completed", None)
+    assert world.outcomes[0].data == {
+        "flight_done": "Lisbon",
+        "hotel_done": "Lisbon",
+        "car_done": "Lisbon",
+    }
+
+
+async def test_business_failure_compensates_earlier_steps_in_reverse(pool: asyncpg.Pool) -> None:
+    world = World()
+    world.failures["car"] = [StepFailed("no_cars", "every car is taken")]
+    definition = world.definition()
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=5)
+    # The rejected step did nothing, so only the two before it are undone, last first.
+    assert world.calls == ["flight", "hotel", "car", "undo-hotel", "undo-flight"]
+    assert await saga_status(pool, saga_id) == ("cancelled", "no_cars: every car is taken")
+    log = await pool.fetch(
+        "SELECT step, direction, status FROM saga_steps WHERE saga_id = $1", saga_id
+    )
+    assert {(r["step"], r["direction"]): r["status"] for r in log} == {
+        ("flight", "forward"): "succeeded",
+        ("hotel", "forward"): "succeeded",
+        ("car", "forward"): "rejected",
+        ("hotel", "compensate"): "succeeded",
+        ("flight", "compensate"): "succeeded",
+    }
+
+
+async def test_faults_are_retried_with_the_same_key(pool: asyncpg.Pool) -> None:
+    world = World()
+    world.failures["hotel"] = [ConnectionError("reset"), TimeoutError()]
+    definition = world.definition()
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=5)
+    assert world.calls == ["flight", "hotel", "hotel", "hotel", "car"]
+    assert set(world.keys[1:4]) == {f"{saga_id}:hotel"}
+    attempts = await pool.fetchval(
+        "SELECT attempts FROM saga_steps WHERE saga_id = $1 AND step = 'hotel'", saga_id
+    )
+    assert attempts == 3
+    assert await saga_status(pool, saga_id) == ("completed", None)
+
+
+async def test_a_step_that_keeps_timing_out_is_compensated_too(pool: asyncpg.Pool) -> None:
+    world = World()
+    world.hang.add("hotel")
+    definition = world.definition()
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=5)
+    # A timed-out step may have happened: its undo runs as well (participants tolerate it).
+    assert world.calls[-2:] == ["undo-hotel", "undo-flight"]
+    status, reason = await saga_status(pool, saga_id)
+    assert status == "cancelled"
+    assert reason is not None
+    assert reason.startswith("hotel failed: TimeoutError")
+
+
+async def test_compensation_that_keeps_failing_parks_and_can_be_reopened(
+    pool: asyncpg.Pool,
+) -> None:
+    world = World()
+    world.failures["car"] = [StepFailed("no_cars", "none")]
+    world.failures["undo-flight"] = [ConnectionError("down")] * 3
+    definition = world.definition()
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=5)
+        assert (await saga_status(pool, saga_id))[0] == "compensation_failed"
+        assert world.outcomes[-1].status == "compensation_failed"
+        async with pool.acquire() as conn, conn.transaction():
+            assert await engine.reopen(conn, saga_id)
+        engine.launch(saga_id)
+        assert await engine.wait(saga_id, timeout=5)
+    assert await saga_status(pool, saga_id) == ("cancelled", "no_cars: none")
+    # hotel's undo succeeded the first time and is not repeated on the retry.
+    assert world.calls.count("undo-hotel") == 1
+    assert world.calls.count("undo-flight") == 4
+
+
+async def test_orphaned_saga_is_resumed_by_another_owner(pool: asyncpg.Pool) -> None:
+    world = World()
+    world.hang.add("hotel")
+    definition = world.definition()
+    crashed = SagaEngine(pool, owner="a", definitions=[definition], policy=FAST)
+    await crashed.__aenter__()
+    saga_id = await start(crashed, pool, definition)
+    while "hotel" not in world.calls:
+        await asyncio.sleep(0.01)
+    # Simulate a crash: the owner stops without finishing and its lease lapses.
+    for task in [*crashed._loops, *crashed._running.values()]:
+        task.cancel()
+    await asyncio.sleep(0.1)
+    world.hang.clear()
+    async with SagaEngine(pool, owner="b", definitions=[definition], policy=FAST):
+        async with asyncio.timeout(5):
+            while (await saga_status(pool, saga_id))[0] != "completed":
+                await asyncio.sleep(0.05)
+    # The in-doubt step was re-sent with the same idempotency key.
+    assert world.keys.count(f"{saga_id}:hotel") == 2
+    assert world.calls.count("flight") == 1
+
+
+async def test_restarted_instance_takes_back_its_sagas_without_waiting(pool: asyncpg.Pool) -> None:
+    world = World()
+    slow = SagaPolicy(forward_deadline=1.0, retry_backoff_max=0.05, lease_ttl=60.0)
+    definition = world.definition()
+    saga_id = uuid.uuid4()
+    first = SagaEngine(pool, owner="order-1", definitions=[definition], policy=slow)
+    async with pool.acquire() as conn, conn.transaction():
+        await first.create(conn, definition, saga_id, Trip("Porto"))
+    # 'first' died before launching; its lease has 60 s left, but the same instance restarts.
+    async with SagaEngine(pool, owner="order-1", definitions=[definition], policy=slow):
+        async with asyncio.timeout(3):
+            while (await saga_status(pool, saga_id))[0] != "completed":
+                await asyncio.sleep(0.05)
