@@ -31,6 +31,7 @@ from ordermesh_shared.errors import install_error_handlers
 from ordermesh_shared.health import Health, health_router
 from ordermesh_shared.logging import configure_logging
 from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
+from ordermesh_shared.resilience import ServiceClient
 from ordermesh_shared.tasks import BackgroundTasks
 
 log = structlog.get_logger(__name__)
@@ -50,6 +51,7 @@ class ServiceContext:
     broker: Broker
     registry: Registry
     tasks: BackgroundTasks
+    clients: ServiceClient
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -157,6 +159,7 @@ async def _open_context(
         {"database": db.ping, "rabbitmq": broker.ping, "registry": registry.ping},
         timeout=settings.health_timeout,
     )
+    clients = await stack.enter_async_context(ServiceClient(registry, metrics=metrics.registry))
     tasks = await stack.enter_async_context(BackgroundTasks())
     instance = ServiceInstance(
         service=spec.name,
@@ -165,7 +168,7 @@ async def _open_context(
         port=settings.port,
         meta={"version": spec.version},
     )
-    return ServiceContext(settings, instance, metrics, health, db, broker, registry, tasks)
+    return ServiceContext(settings, instance, metrics, health, db, broker, registry, tasks, clients)
 
 
 async def keep_registered(ctx: ServiceContext, *, interval: float = PRESENCE_INTERVAL) -> None:
