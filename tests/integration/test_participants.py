@@ -172,6 +172,7 @@ async def test_charge_decline_refund_and_late_charge(payment: httpx.AsyncClient)
         headers=key(),
     )
     assert (declined.status_code, declined.json()["reason"]) == (422, "insufficient_funds")
+    assert declined.json()["payment"]["status"] == "declined"
     assert (await payment.get("/customers/dave")).json()["balance"] == "20.00"
     unknown = await payment.post(
         "/payments",

@@ -7,8 +7,7 @@ import asyncio
 import pytest
 from inventory.app import SPEC as INVENTORY
 from inventory.app import InventorySettings
-from order.app import SPEC as ORDER
-from order.app import OrderSettings
+from order.app import OrderSettings, order_spec
 from payment.app import SPEC as PAYMENT
 from payment.app import PaymentSettings
 from shipping.app import SPEC as SHIPPING
@@ -96,7 +95,7 @@ async def test_shipping_destinations_and_unknown_shipment(fresh_database: str) -
 
 async def test_order_unknown_id_and_route_are_json_404(fresh_database: str) -> None:
     settings = OrderSettings(database_url=fresh_database, port=18000)
-    async with running(ORDER, settings, InMemoryRegistry()) as client:
+    async with running(order_spec(settings), settings, InMemoryRegistry()) as client:
         await wait_ready(client)
         unknown = await client.get("/orders/00000000-0000-0000-0000-000000000000")
         assert unknown.status_code == 404

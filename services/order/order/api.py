@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from ordermesh_shared.admin import ADMIN_RESPONSES, RequireAdmin
 from ordermesh_shared.bootstrap import Ctx
-from ordermesh_shared.errors import NotFound
+from ordermesh_shared.errors import Conflict, NotFound, ServiceError
+from ordermesh_shared.idempotency import KeyReused, request_hash
+from ordermesh_shared.saga.store import step_log
 from pydantic import BaseModel, Field
 
 from order import store
+from order.app_state import order_runtime
+from order.domain import TERMINAL_STATUSES, OrderStatus, PlaceOrder, PlaceOrderRequest
 
 router = APIRouter(tags=["orders"])
-
-OrderStatus = Literal["pending", "completed", "cancelled", "compensation_failed"]
 
 
 class OrderItem(BaseModel):
@@ -27,6 +33,18 @@ class OrderItem(BaseModel):
     unit_price: Decimal | None = Field(None, description="Known once stock is reserved.")
 
 
+class SagaStep(BaseModel):
+    """One entry of the saga's step log."""
+
+    step: str = Field(examples=["charge_payment"])
+    direction: Literal["forward", "compensate"]
+    status: Literal["started", "succeeded", "rejected", "failed"]
+    attempts: int
+    last_error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
 class Order(BaseModel):
     """An order and where its saga stands."""
 
@@ -35,21 +53,174 @@ class Order(BaseModel):
     destination: str = Field(examples=["DE"])
     status: OrderStatus
     total: Decimal | None = Field(None, examples=["178.00"])
-    failure_reason: str | None = None
+    failure_reason: str | None = Field(None, examples=["insufficient_funds: ..."])
     items: list[OrderItem]
+    steps: list[SagaStep] = Field(description="The saga's step history.")
     created_at: datetime
     updated_at: datetime
 
 
+class OrderPage(BaseModel):
+    """A page of orders, newest first."""
+
+    orders: list[Order]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+
+
+IdempotencyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=200,
+        description="Posting again with the same key returns the same order.",
+    ),
+]
+
+
+@router.post(
+    "/orders",
+    summary="Place an order; 201 when it ended within the wait, else 202 with Location.",
+    status_code=201,
+    response_model=Order,
+    responses={
+        200: {"description": "A replay of an earlier Idempotency-Key: that order."},
+        202: {"description": "Accepted, still running: follow `Location`."},
+        422: {"description": "Invalid request, or Idempotency-Key reused with another body."},
+    },
+)
+async def place_order(
+    body: PlaceOrderRequest, ctx: Ctx, request: Request, key: IdempotencyHeader = None
+) -> JSONResponse:
+    runtime = order_runtime(ctx)
+    fingerprint = request_hash(body, path="/orders")
+    order_id, created = await _create_or_find(ctx, body, key, fingerprint)
+    if created:
+        runtime.engine.launch(order_id)
+    await runtime.engine.wait(order_id, timeout=runtime.wait)
+    order = await load_order(ctx, order_id)
+    return _placed(
+        order, created=created, location=str(request.url_for("get_order", order_id=order_id))
+    )
+
+
+async def _create_or_find(
+    ctx: Ctx, body: PlaceOrderRequest, key: str | None, fingerprint: str
+) -> tuple[uuid.UUID, bool]:
+    runtime = order_runtime(ctx)
+    order_id = uuid.uuid4()
+    async with ctx.db.pool.acquire() as conn, conn.transaction():
+        if await store.insert_order(
+            conn, order_id, body, idempotency_key=key, request_hash=fingerprint
+        ):
+            saga_input = PlaceOrder.from_request(order_id, body)
+            await runtime.engine.create(conn, runtime.definition, order_id, saga_input)
+            await store.order_event(conn, order_id, "created", body.model_dump(mode="json"))
+            return order_id, True
+        existing = await store.order_for_key(conn, key or "")
+    assert existing is not None
+    if existing["request_hash"] != fingerprint:
+        raise KeyReused(f"Idempotency-Key {key!r} was already used for a different order")
+    return existing["id"], False
+
+
+def _placed(order: Order, *, created: bool, location: str) -> JSONResponse:
+    body = order.model_dump(mode="json")
+    headers = {"Location": location}
+    if order.status not in TERMINAL_STATUSES:
+        return JSONResponse(body, status_code=202, headers=headers)
+    return JSONResponse(body, status_code=201 if created else 200, headers=headers)
+
+
 @router.get(
     "/orders/{order_id}",
-    summary="Show one order: status, total, failure reason.",
+    summary="Show one order: status, total, failure reason, saga steps.",
     responses={404: {"description": "No order has this id."}},
 )
 async def get_order(ctx: Ctx, order_id: uuid.UUID) -> Order:
+    return await load_order(ctx, order_id)
+
+
+async def load_order(ctx: Ctx, order_id: uuid.UUID) -> Order:
+    """An order with its lines and step log."""
     async with ctx.db.pool.acquire() as conn:
         row = await store.get_order(conn, order_id)
         if row is None:
             raise NotFound(f"no order with id {order_id}")
         items = await store.get_order_items(conn, order_id)
-    return Order(**dict(row), items=[OrderItem(**dict(i)) for i in items])
+        steps = await step_log(conn, order_id)
+    return _order(row, items, steps)
+
+
+def _order(row: Any, items: list[Any], steps: list[Any]) -> Order:
+    return Order(
+        **dict(row),
+        items=[OrderItem(**dict(i)) for i in items],
+        steps=[SagaStep(**dict(s)) for s in steps],
+    )
+
+
+@router.get(
+    "/orders",
+    summary="List orders, newest first, filtered and paginated.",
+    responses={422: {"description": "Bad filter, limit or cursor."}},
+)
+async def list_orders(
+    ctx: Ctx,
+    status: Annotated[OrderStatus | None, Query(description="Only orders in this status.")] = None,
+    customer_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
+) -> OrderPage:
+    after = _decode_cursor(cursor) if cursor else None
+    async with ctx.db.pool.acquire() as conn:
+        rows = await store.list_orders(
+            conn, status=status, customer_id=customer_id, after=after, limit=limit
+        )
+        orders = [
+            _order(r, await store.get_order_items(conn, r["id"]), await step_log(conn, r["id"]))
+            for r in rows
+        ]
+    more = len(rows) == limit
+    return OrderPage(orders=orders, next_cursor=_encode_cursor(rows[-1]) if more else None)
+
+
+def _encode_cursor(row: Any) -> str:
+    raw = f"{row['created_at'].isoformat()}|{row['id']}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created, _, order_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(created), uuid.UUID(order_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor("cursor is not one this API returned; start again without it") from None
+
+
+class InvalidCursor(ServiceError):
+    """The cursor does not decode (422)."""
+
+    status_code = 422
+
+
+@router.post(
+    "/orders/{order_id}/retry",
+    summary="Admin: retry the compensation of a parked (compensation_failed) order.",
+    status_code=202,
+    dependencies=[RequireAdmin],
+    responses={
+        **ADMIN_RESPONSES,
+        404: {"description": "No order has this id."},
+        409: {"description": "The order is not parked."},
+    },
+)
+async def retry_order(ctx: Ctx, order_id: uuid.UUID) -> Order:
+    runtime = order_runtime(ctx)
+    async with ctx.db.pool.acquire() as conn, conn.transaction():
+        if await store.get_order(conn, order_id) is None:
+            raise NotFound(f"no order with id {order_id}")
+        if not await runtime.engine.reopen(conn, order_id):
+            raise Conflict("only a compensation_failed order can be retried")
+        await store.reopen_order(conn, order_id)
+    runtime.engine.launch(order_id)
+    return await load_order(ctx, order_id)

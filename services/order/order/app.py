@@ -2,34 +2,78 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import ClassVar
 
 from fastapi import FastAPI
-from ordermesh_shared.bootstrap import ServiceSpec, create_service_app
+from ordermesh_shared.bootstrap import ServiceContext, ServiceSpec, Setup, create_service_app
 from ordermesh_shared.config import ServiceSettings
+from ordermesh_shared.saga import SAGA_MIGRATIONS, SagaEngine, SagaPolicy
+from pydantic import Field
 
 from order.api import router
+from order.app_state import RUNTIME_KEY, OrderRuntime
+from order.clients import OrderClients
+from order.saga import place_order_saga
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
 class OrderSettings(ServiceSettings):
-    """Order settings: the shared ones, with order's defaults."""
+    """Order settings: the shared ones plus the saga's timing."""
 
     service_name: ClassVar[str] = "order"
     default_port: ClassVar[int] = 8000
 
+    order_wait: float = Field(
+        2.0, ge=0, le=30, description="Seconds POST /orders waits for the saga before a 202."
+    )
+    saga_deadline: float = Field(
+        10.0, gt=0, le=300, description="Seconds a saga keeps retrying faults before compensating."
+    )
+    saga_step_timeout: float = Field(3.0, gt=0, le=60, description="Timeout of one step attempt.")
+    saga_lease_ttl: float = Field(
+        5.0, gt=0, le=120, description="Seconds before another instance takes over a saga."
+    )
 
-SPEC = ServiceSpec(
-    name="order",
-    title="Ordermesh order",
-    description="The public order API: place orders and follow them through the saga.",
-    migrations=MIGRATIONS,
-    routers=[router],
-)
+
+def _saga_setup(settings: OrderSettings) -> Setup:
+    @asynccontextmanager
+    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+        definition = place_order_saga(
+            OrderClients(ctx.clients), step_timeout=settings.saga_step_timeout
+        )
+        policy = SagaPolicy(
+            forward_deadline=settings.saga_deadline, lease_ttl=settings.saga_lease_ttl
+        )
+        engine = SagaEngine(
+            ctx.db, owner=settings.instance_id, definitions=[definition], policy=policy
+        )
+        async with engine:
+            ctx.extras[RUNTIME_KEY] = OrderRuntime(engine, definition, settings.order_wait)
+            yield
+
+    return setup
+
+
+def order_spec(settings: OrderSettings) -> ServiceSpec:
+    """What makes the order service: its API, its saga, its tables."""
+    return ServiceSpec(
+        name="order",
+        title="Ordermesh order API",
+        description=(
+            "Place orders and follow them through the saga: reserve stock, charge payment,"
+            " create the shipment; compensations in reverse when a step says no."
+        ),
+        migrations=MIGRATIONS,
+        routers=[router],
+        setup=_saga_setup(settings),
+        extra_migrations=(SAGA_MIGRATIONS,),
+    )
 
 
 def create_app(settings: OrderSettings) -> FastAPI:
     """Build the order app (nothing opens until its lifespan starts)."""
-    return create_service_app(SPEC, settings)
+    return create_service_app(order_spec(settings), settings)

@@ -3,18 +3,64 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
 import asyncpg
 from ordermesh_shared.database import DbConn
+from ordermesh_shared.outbox import add_event
+
+from order.domain import PlaceOrderRequest
+
+_ORDER_COLUMNS = (
+    "id, customer_id, destination, status, total, failure_reason, created_at, updated_at"
+)
+
+
+async def insert_order(
+    conn: DbConn,
+    order_id: uuid.UUID,
+    request: PlaceOrderRequest,
+    *,
+    idempotency_key: str | None,
+    request_hash: str,
+) -> bool:
+    """A new pending order; False when the idempotency key already names another order.
+
+    ON CONFLICT waits for a concurrent insert with the same key to commit, so racing posts
+    of one key end with one order.
+    """
+    inserted = await conn.fetchval(
+        "INSERT INTO orders (id, customer_id, destination, status, idempotency_key, request_hash)"
+        " VALUES ($1, $2, $3, 'pending', $4, $5)"
+        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1",
+        order_id,
+        request.customer_id,
+        request.destination,
+        idempotency_key,
+        request_hash,
+    )
+    if inserted is None:
+        return False
+    await conn.executemany(
+        "INSERT INTO order_items (order_id, sku, quantity) VALUES ($1, $2, $3)",
+        [(order_id, line.sku, line.quantity) for line in request.items],
+    )
+    return True
+
+
+async def order_for_key(conn: DbConn, key: str) -> asyncpg.Record | None:
+    """The order an idempotency key created, with the request's fingerprint."""
+    return await conn.fetchrow(
+        "SELECT id, request_hash FROM orders WHERE idempotency_key = $1", key
+    )
 
 
 async def get_order(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
     """One order's header row, or None."""
-    return await conn.fetchrow(
-        "SELECT id, customer_id, destination, status, total, failure_reason, created_at, updated_at"
-        " FROM orders WHERE id = $1",
-        order_id,
-    )
+    return await conn.fetchrow(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = $1", order_id)
 
 
 async def get_order_items(conn: DbConn, order_id: uuid.UUID) -> list[asyncpg.Record]:
@@ -22,4 +68,70 @@ async def get_order_items(conn: DbConn, order_id: uuid.UUID) -> list[asyncpg.Rec
     return await conn.fetch(
         "SELECT sku, quantity, unit_price FROM order_items WHERE order_id = $1 ORDER BY sku",
         order_id,
+    )
+
+
+async def list_orders(
+    conn: DbConn,
+    *,
+    status: str | None,
+    customer_id: str | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Newest first, filtered; ``after`` is the (created_at, id) of the previous page's end."""
+    return await conn.fetch(
+        f"SELECT {_ORDER_COLUMNS} FROM orders"
+        " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR customer_id = $2)"
+        "   AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))"
+        " ORDER BY created_at DESC, id DESC LIMIT $5",
+        status,
+        customer_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+
+
+async def finish_order(
+    conn: DbConn,
+    order_id: uuid.UUID,
+    *,
+    status: str,
+    total: Decimal | None,
+    reason: str | None,
+    prices: Mapping[str, Any],
+) -> None:
+    """Record the saga's outcome on the order."""
+    await conn.execute(
+        "UPDATE orders SET status = $2, total = COALESCE($3, total), failure_reason = $4,"
+        " updated_at = now() WHERE id = $1",
+        order_id,
+        status,
+        total,
+        reason if status != "completed" else None,
+    )
+    await conn.executemany(
+        "UPDATE order_items SET unit_price = $3 WHERE order_id = $1 AND sku = $2",
+        [(order_id, sku, Decimal(str(price))) for sku, price in prices.items()],
+    )
+
+
+async def reopen_order(conn: DbConn, order_id: uuid.UUID) -> None:
+    """A parked order goes back to pending while its compensation is retried."""
+    await conn.execute(
+        "UPDATE orders SET status = 'pending', updated_at = now() WHERE id = $1", order_id
+    )
+
+
+async def order_event(
+    conn: DbConn, order_id: uuid.UUID, event_type: str, payload: Mapping[str, Any]
+) -> None:
+    """An order event through the outbox, in the caller's transaction."""
+    await add_event(
+        conn,
+        aggregate_type="order",
+        aggregate_id=str(order_id),
+        event_type=event_type,
+        payload={"order_id": str(order_id), **payload},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.errors import Conflict, NotFound, Rejected
@@ -14,22 +15,28 @@ from payment.domain import ChargeRequest, Payment
 DECLINED = 422
 
 
-async def charge_customer(conn: DbConn, request: ChargeRequest) -> tuple[int, Payment]:
+async def charge_customer(conn: DbConn, request: ChargeRequest) -> tuple[int, Any]:
     """Charge once per order; a decline is recorded (and answered 422) like a charge."""
     existing = await store.lock_payment(conn, request.order_id)
     if existing is not None:
-        return _replay_status(existing["status"]), await _refuse_if_voided(conn, request.order_id)
+        payment = await _refuse_if_voided(conn, request.order_id)
+        return (DECLINED, _declined(payment)) if payment.status == "declined" else (200, payment)
     if await store.get_customer(conn, request.customer_id) is None:
         raise Rejected(f"unknown customer {request.customer_id!r}", reason="unknown_customer")
     if await store.debit(conn, request.customer_id, request.amount):
         await _record(conn, request, "charged")
         return 201, await load_payment(conn, request.order_id)
     await _record(conn, request, "declined", reason="insufficient_funds")
-    return DECLINED, await load_payment(conn, request.order_id)
+    return DECLINED, _declined(await load_payment(conn, request.order_id))
 
 
-def _replay_status(status: str) -> int:
-    return DECLINED if status == "declined" else 200
+def _declined(payment: Payment) -> dict[str, Any]:
+    # Shaped like every other business rejection, with the recorded payment alongside.
+    return {
+        "detail": f"insufficient funds for a charge of {payment.amount}",
+        "reason": "insufficient_funds",
+        "payment": payment,
+    }
 
 
 async def _refuse_if_voided(conn: DbConn, order_id: uuid.UUID) -> Payment:

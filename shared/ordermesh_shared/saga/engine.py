@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from ordermesh_shared.database import DbConn
+from ordermesh_shared.database import Database, DatabaseNotReady, DbConn
 from ordermesh_shared.saga import store
 from ordermesh_shared.saga.definition import (
     TERMINAL,
@@ -52,13 +52,14 @@ class SagaEngine:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: asyncpg.Pool | Database,
         *,
         owner: str,
         definitions: Iterable[SagaDefinition[Any]],
         policy: SagaPolicy | None = None,
     ) -> None:
-        self._pool = pool
+        # A Database hands out its pool only once migrated; the loops wait for that.
+        self._source = pool
         self.instance = owner
         # A fresh suffix per run: a restarted instance recognises its predecessor's sagas.
         self.owner = f"{owner}/{uuid.uuid4().hex[:8]}"
@@ -68,6 +69,10 @@ class SagaEngine:
         self._compensations: set[asyncio.Task[None]] = set()
         self._finished: dict[uuid.UUID, asyncio.Event] = {}
         self._loops: list[asyncio.Task[None]] = []
+
+    @property
+    def _pool(self) -> asyncpg.Pool:
+        return self._source.pool if isinstance(self._source, Database) else self._source
 
     async def __aenter__(self) -> SagaEngine:
         self._loops = [
@@ -365,6 +370,6 @@ def _describe(exc: BaseException) -> str:
 async def _quietly(event: str, work: Any) -> None:
     try:
         await work
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, DatabaseNotReady) as exc:
         # The database may be restarting; the loop tries again on its next tick.
         log.warning(event, error=str(exc))

@@ -1,0 +1,76 @@
+"""The place-order saga: reserve stock -> charge payment -> create shipment -> commit stock.
+
+Compensations run in reverse: cancel the shipment, refund the charge, release the stock.
+Each call carries the idempotency key ``<order_id>:<step>`` (``:undo`` for compensations).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from ordermesh_shared.database import DbConn
+from ordermesh_shared.saga import SagaDefinition, SagaOutcome, Step, StepCall
+
+from order import store
+from order.clients import OrderClients
+from order.domain import PlaceOrder
+
+SAGA_NAME = "place_order"
+
+
+def place_order_saga(
+    participants: OrderClients, *, step_timeout: float = 5.0
+) -> SagaDefinition[PlaceOrder]:
+    """The saga definition, bound to the participants' clients."""
+
+    async def reserve(call: StepCall[PlaceOrder]) -> dict[str, Any]:
+        return await participants.reserve_stock(call.input.order_id, call.input.items, key=call.key)
+
+    async def release(call: StepCall[PlaceOrder]) -> None:
+        await participants.release_stock(call.input.order_id, key=call.key)
+
+    async def charge(call: StepCall[PlaceOrder]) -> dict[str, Any]:
+        amount = Decimal(str(call.data["total"]))
+        order = call.input
+        return await participants.charge(order.order_id, order.customer_id, amount, key=call.key)
+
+    async def refund(call: StepCall[PlaceOrder]) -> None:
+        await participants.refund(call.input.order_id, key=call.key)
+
+    async def ship(call: StepCall[PlaceOrder]) -> dict[str, Any]:
+        return await participants.ship(call.input.order_id, call.input.destination, key=call.key)
+
+    async def cancel_shipment(call: StepCall[PlaceOrder]) -> None:
+        await participants.cancel_shipment(call.input.order_id, key=call.key)
+
+    async def commit(call: StepCall[PlaceOrder]) -> None:
+        await participants.commit_stock(call.input.order_id, key=call.key)
+
+    return SagaDefinition(
+        SAGA_NAME,
+        steps=(
+            Step("reserve_stock", reserve, release, timeout=step_timeout),
+            Step("charge_payment", charge, refund, timeout=step_timeout),
+            Step("create_shipment", ship, cancel_shipment, timeout=step_timeout),
+            Step("commit_stock", commit, None, timeout=step_timeout),
+        ),
+        encode=PlaceOrder.to_json,
+        decode=PlaceOrder.from_json,
+        on_finish=record_outcome,
+    )
+
+
+async def record_outcome(conn: DbConn, outcome: SagaOutcome) -> None:
+    """The order takes the saga's end state, in the transaction that records it."""
+    status = "pending" if outcome.status in ("running", "compensating") else outcome.status
+    total = outcome.data.get("total")
+    await store.finish_order(
+        conn,
+        outcome.saga_id,
+        status=status,
+        total=Decimal(str(total)) if total is not None else None,
+        reason=outcome.reason,
+        prices=outcome.data.get("prices", {}),
+    )
+    await store.order_event(conn, outcome.saga_id, status, {"reason": outcome.reason})

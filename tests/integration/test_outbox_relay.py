@@ -1,0 +1,250 @@
+"""The outbox relay against a real Postgres and RabbitMQ (a private vhost on the shared broker).
+
+Events are written with ``add_event`` in business transactions that bump an aggregate's
+version; a consumer applies each event into an ``effects`` table (no unique key there, so an
+event applied twice would show) through the shared inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from ordermesh_shared.broker import Broker
+from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
+from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
+from ordermesh_shared.messaging.envelope import Event
+from ordermesh_shared.messaging.topology import Topology, declare_consumer_queue
+from ordermesh_shared.outbox import NotInTransaction, add_event
+from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader
+from ordermesh_shared.outbox.store import Backoff, list_quarantined, redrive
+
+pytestmark = pytest.mark.integration
+
+SERVICE = "shop"
+FAST = RelaySettings(
+    batch_size=50,
+    publish_timeout=2.0,
+    poll_interval=0.5,
+    retry=Backoff(base=0.05, cap=0.2, max_attempts=3),
+    error_backoff_max=0.3,
+)
+SCHEMA = """
+CREATE TABLE things (id text PRIMARY KEY, version integer NOT NULL);
+CREATE TABLE effects (
+    n bigserial PRIMARY KEY, event_id text NOT NULL, aggregate_id text NOT NULL,
+    version integer NOT NULL, event_type text NOT NULL);
+"""
+
+
+@pytest.fixture
+async def db(fresh_database: str) -> AsyncIterator[Database]:
+    async with Database(fresh_database, max_size=20) as database:
+        await database.migrate(SHARED_MIGRATIONS)
+        async with database.pool.acquire() as conn:
+            await conn.execute(SCHEMA)
+        yield database
+
+
+@pytest.fixture
+async def broker(rabbit_vhost: str) -> AsyncIterator[Broker]:
+    async with Broker(rabbit_vhost, name="test") as connected:
+        async with asyncio.timeout(10):
+            await connected.connected.wait()
+        yield connected
+
+
+async def commit_event(db: Database, thing: str, event_type: str = "updated") -> uuid.UUID:
+    """A business transaction: bump the thing's version (locking it), record the event."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        version = await conn.fetchval(
+            "INSERT INTO things VALUES ($1, 1) ON CONFLICT (id)"
+            " DO UPDATE SET version = things.version + 1 RETURNING version",
+            thing,
+        )
+        return await add_event(
+            conn,
+            aggregate_type="thing",
+            aggregate_id=thing,
+            event_type=event_type,
+            payload={"version": version},
+        )
+
+
+async def apply_effect(conn: DbConn, event: Event) -> None:
+    await conn.execute(
+        "INSERT INTO effects (event_id, aggregate_id, version, event_type) VALUES ($1, $2, $3, $4)",
+        event.id,
+        event.aggregate_id,
+        event.data["version"],
+        event.event_type,
+    )
+
+
+@asynccontextmanager
+async def background(coro: Awaitable[Any]) -> AsyncIterator[asyncio.Task[Any]]:
+    task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+async def effects(db: Database) -> list[asyncpg.Record]:
+    async with db.pool.acquire() as conn:
+        return await conn.fetch("SELECT event_id, aggregate_id, version FROM effects ORDER BY n")
+
+
+async def unpublished(db: Database) -> int:
+    async with db.pool.acquire() as conn:
+        count: int = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        return count
+
+
+def relay_for(db: Database, broker: Broker, **kwargs: Any) -> OutboxRelay:
+    return OutboxRelay(db, broker, service=SERVICE, settings=FAST, **kwargs)
+
+
+@asynccontextmanager
+async def consuming(
+    db: Database, broker: Broker, bindings: list[str] | None = None
+) -> AsyncIterator[EventConsumer]:
+    """A consumer applying effects, subscribed (its queue bound) before the block starts."""
+    subscription = Subscription("shop.effects", bindings or ["shop.*"], apply_effect)
+    consumer = EventConsumer(db, broker, subscription)
+    async with background(consumer.run()):
+        async with asyncio.timeout(10):
+            await consumer.subscribed.wait()
+        yield consumer
+
+
+async def test_rolled_back_transaction_emits_nothing(db: Database, broker: Broker) -> None:
+    async with consuming(db, broker), background(relay_for(db, broker).run(SoleLeader())):
+        with pytest.raises(RuntimeError, match="business rule"):
+            async with db.pool.acquire() as conn, conn.transaction():
+                await add_event(
+                    conn, aggregate_type="thing", aggregate_id="t1", event_type="updated",
+                    payload={"version": 0},
+                )  # fmt: skip
+                raise RuntimeError("business rule broken: roll back")
+        committed = await commit_event(db, "t2")
+        await eventually(lambda: _has_effects(db, 1))
+        await asyncio.sleep(0.5)  # time enough for a wrongly published event to arrive too
+    assert [r["event_id"] for r in await effects(db)] == [str(committed)]
+    async with db.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
+
+
+async def test_add_event_outside_a_transaction_is_refused(db: Database) -> None:
+    async with db.pool.acquire() as conn:
+        with pytest.raises(NotInTransaction):
+            await add_event(
+                conn, aggregate_type="thing", aggregate_id="t1", event_type="updated", payload={}
+            )
+        assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+async def _has_effects(db: Database, count: int) -> bool:
+    return len(await effects(db)) >= count
+
+
+async def test_message_carries_the_cloudevents_envelope(
+    db: Database, broker: Broker, rabbit_vhost: str
+) -> None:
+    channel = await broker.connection.channel()
+    queue = await declare_consumer_queue(channel, Topology(), "raw", ["shop.#"])
+    event_id = await commit_event(db, "t1", "created")
+    async with background(relay_for(db, broker).run(SoleLeader())):
+        message = await _get_one(queue)
+    await channel.close()
+    assert message.message_id == str(event_id)
+    assert message.routing_key == "shop.created"
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.headers["ce-id"] == str(event_id)
+    assert message.headers["ce-type"] == "ordermesh.shop.created"
+    assert message.headers["ce-source"] == "/ordermesh/shop"
+    assert message.headers["ce-subject"] == "thing/t1"
+    assert message.headers["ce-specversion"] == "1.0"
+    assert message.body == b'{"version":1}'
+
+
+async def _get_one(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomingMessage:
+    async with asyncio.timeout(10):
+        while True:
+            message = await queue.get(fail=False, no_ack=True)
+            if message is not None:
+                return message
+            await asyncio.sleep(0.05)
+
+
+async def test_poison_row_is_quarantined_while_the_rest_flow(db: Database, broker: Broker) -> None:
+    # Nothing is bound to "shop.unroutable": with mandatory the broker returns it every time.
+    relay = relay_for(db, broker)
+    async with consuming(db, broker, ["shop.updated"]), background(relay.run(SoleLeader())):
+        await commit_event(db, "a", "updated")
+        poison = await commit_event(db, "a", "unroutable")
+        held = await commit_event(db, "a", "updated")  # must wait behind the poison row
+        others = [await commit_event(db, f"b{i}") for i in range(20)]
+        await eventually(lambda: _has_effects(db, 21))
+        quarantined = await _quarantined(db)
+        assert [q.event_id for q in quarantined] == [poison]
+        assert quarantined[0].attempts == FAST.retry.max_attempts
+        assert "NO_ROUTE" in (quarantined[0].last_error or "")
+        assert quarantined[0].held_behind == 1
+        applied = {r["event_id"] for r in await effects(db)}
+        assert set(map(str, others)) <= applied
+        assert str(held) not in applied
+
+        await _bind(broker, "shop.effects", "shop.unroutable")  # the operator fixes the cause
+        async with db.pool.acquire() as conn:
+            assert await redrive(conn) == [poison]
+        await eventually(lambda: _has_effects(db, 23))
+    versions = [r["version"] for r in await effects(db) if r["aggregate_id"] == "a"]
+    assert versions == [1, 2, 3]  # the held event came after the re-driven one
+    assert await unpublished(db) == 0
+
+
+async def _quarantined(db: Database) -> list[Any]:
+    async with db.pool.acquire() as conn:
+        return list(await list_quarantined(conn))
+
+
+async def _bind(broker: Broker, queue_name: str, routing_key: str) -> None:
+    channel = await broker.connection.channel()
+    queue = await channel.get_queue(queue_name)
+    await queue.bind(Topology().events_exchange, routing_key)
+    await channel.close()
+
+
+async def test_concurrent_aggregates_arrive_in_commit_order(db: Database, broker: Broker) -> None:
+    things = [f"t{i}" for i in range(30)]
+    rng = random.Random(5)
+
+    async def writer(count: int) -> None:
+        for _ in range(count):
+            await commit_event(db, rng.choice(things))
+
+    async with consuming(db, broker), background(relay_for(db, broker).run(SoleLeader())):
+        await asyncio.gather(*(writer(40) for _ in range(10)))
+        await eventually(lambda: _has_effects(db, 400), timeout=30)
+    seen: dict[str, list[int]] = {}
+    for row in await effects(db):
+        seen.setdefault(row["aggregate_id"], []).append(row["version"])
+    for thing, versions in seen.items():
+        assert versions == list(range(1, len(versions) + 1)), f"{thing} out of order: {versions}"
+    assert sum(len(v) for v in seen.values()) == 400
