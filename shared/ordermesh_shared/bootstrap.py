@@ -28,10 +28,15 @@ from ordermesh_shared.config import DEFAULT_ADMIN_TOKEN, ServiceSettings, load_s
 from ordermesh_shared.database import Database, MigrationSet, prepare_database
 from ordermesh_shared.discovery import Registry, RegistryError, ServiceInstance
 from ordermesh_shared.errors import install_error_handlers
+from ordermesh_shared.faults import FaultInjectionMiddleware, Faults, fault_router
 from ordermesh_shared.health import Health, health_router
 from ordermesh_shared.logging import configure_logging
 from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
-from ordermesh_shared.resilience import ServiceClient
+from ordermesh_shared.resilience import (
+    DeadlineMiddleware,
+    ServiceClient,
+    install_upstream_error_handlers,
+)
 from ordermesh_shared.tasks import BackgroundTasks
 
 log = structlog.get_logger(__name__)
@@ -71,6 +76,8 @@ class ServiceSpec:
     setup: Setup | None = None
     # Tables of shared components this service opts into (e.g. the saga engine's).
     extra_migrations: Sequence[MigrationSet] = ()
+    # Admin-protected fault injection (/admin/faults): every participant can be made flaky.
+    fault_injection: bool = True
 
 
 def get_context(request: Request) -> ServiceContext:
@@ -107,8 +114,15 @@ def create_service_app(
         version=spec.version,
         lifespan=_lifespan(spec, settings, metrics, registry_factory),
     )
+    if spec.fault_injection:
+        faults = Faults()
+        app.add_middleware(FaultInjectionMiddleware, faults=faults)
+        app.include_router(fault_router(faults, admin_token=settings.admin_token))
+    # Added after (so outside) the faults: an injected hang still ends at the caller's deadline.
+    app.add_middleware(DeadlineMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     install_error_handlers(app)
+    install_upstream_error_handlers(app)
     app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
     for router in spec.routers:
         app.include_router(router)
