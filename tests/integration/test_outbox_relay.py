@@ -201,6 +201,7 @@ async def test_poison_row_is_quarantined_while_the_rest_flow(db: Database, broke
         held = await commit_event(db, "a", "updated")  # must wait behind the poison row
         others = [await commit_event(db, f"b{i}") for i in range(20)]
         await eventually(lambda: _has_effects(db, 21))
+        await eventually(lambda: _any_quarantined(db))
         quarantined = await _quarantined(db)
         assert [q.event_id for q in quarantined] == [poison]
         assert quarantined[0].attempts == FAST.retry.max_attempts
@@ -222,6 +223,10 @@ async def test_poison_row_is_quarantined_while_the_rest_flow(db: Database, broke
 async def _quarantined(db: Database) -> list[Any]:
     async with db.pool.acquire() as conn:
         return list(await list_quarantined(conn))
+
+
+async def _any_quarantined(db: Database) -> bool:
+    return bool(await _quarantined(db))
 
 
 async def _bind(broker: Broker, queue_name: str, routing_key: str) -> None:

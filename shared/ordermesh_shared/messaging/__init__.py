@@ -1,0 +1,9 @@
+"""Messaging: the RabbitMQ topology, the CloudEvents envelope, and consumers with an inbox.
+
+Modules (imported by what needs them; this package imports nothing at import time):
+
+* :mod:`~ordermesh_shared.messaging.topology` — exchanges, queues, dead letters, routing keys
+* :mod:`~ordermesh_shared.messaging.envelope` — events <-> AMQP messages (CloudEvents binary mode)
+* :mod:`~ordermesh_shared.messaging.consumer` — :class:`EventConsumer`: inbox, ack after commit
+* :mod:`~ordermesh_shared.messaging.failures` — which failures are worth waiting out
+"""

@@ -1,0 +1,262 @@
+"""Consuming events: each applied exactly once in effect, failures dead-lettered, never dropped.
+
+For every message::
+
+    decode the CloudEvent                     (unreadable: reject -> dead-letter queue at once)
+    BEGIN; INSERT INTO inbox ... ON CONFLICT DO NOTHING; handler(conn, event) if new; COMMIT
+    ack                                       (only after the commit)
+
+A redelivered message (the broker restarted before our ack arrived, or the relay published it
+twice) finds its id in the inbox and is acknowledged without running the handler again.
+
+Messages are processed in order per aggregate: they are spread over ``concurrency`` lanes by
+aggregate, and each lane runs one message at a time in arrival order.
+
+When the handler raises, the transaction rolls back and the lane retries the message itself,
+with a growing delay, rather than returning it to the queue (where the aggregate's next event
+would overtake it). Attempts are counted from the queue's ``x-delivery-count`` (earlier
+deliveries, e.g. to a consumer that crashed) plus the ones made here; at ``max_deliveries`` the
+message is rejected to the dead-letter exchange. When the database is unreachable, that is not
+the message's fault: the lane waits for the database without counting attempts, so an outage
+does not dead-letter everything.
+
+>>> async def on_event(conn: DbConn, event: Event) -> None:
+...     await conn.execute("INSERT INTO timeline ...", event.aggregate_id, event.type)
+>>> consumer = EventConsumer(db, broker, Subscription("order.timeline", ["#"], on_event))
+>>> tasks.start(consumer.run(), name="timeline-consumer")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from prometheus_client import CollectorRegistry, Counter
+
+from ordermesh_shared.broker import BrokerUnavailable
+from ordermesh_shared.database import Database, DbConn
+from ordermesh_shared.messaging.envelope import BadEnvelope, Event, decode_event
+from ordermesh_shared.messaging.failures import ConnectionSource, is_transient
+from ordermesh_shared.messaging.topology import (
+    DEFAULT_MAX_DELIVERIES,
+    Topology,
+    declare_consumer_queue,
+)
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[DbConn, Event], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A consumer's queue, what it is bound to, and what applies each event."""
+
+    queue: str
+    bindings: Sequence[str]
+    handler: Handler
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    prefetch: int = 100
+    concurrency: int = 4  # lanes; events of one aggregate always share a lane
+    retry_delay: float = 0.2  # before retrying a failed message; doubles per attempt
+    retry_delay_max: float = 5.0
+
+
+class ConsumerMetrics:
+    """``messaging_events_consumed_total{queue, outcome}``.
+
+    Outcomes: applied, duplicate, retried, dead_lettered (``*_unsettled``: the ack or reject
+    could not be sent; the broker redelivers).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.consumed = Counter(
+            "messaging_events_consumed_total",
+            "Messages handled by a consumer, by queue and outcome.",
+            ["queue", "outcome"],
+            registry=registry,
+        )
+
+
+@dataclass
+class _Lane:
+    messages: asyncio.Queue[AbstractIncomingMessage] = field(default_factory=asyncio.Queue)
+
+
+class EventConsumer:
+    """Consumes one queue into one handler; runs until cancelled, across broker restarts.
+
+    >>> consumer = EventConsumer(db, broker, subscription, topology=Topology())
+    >>> tasks.start(consumer.run(), name="consumer")
+    >>> consumer.counts        # {"applied": 10, "duplicate": 1, ...} (also a metric)
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        broker: ConnectionSource,
+        subscription: Subscription,
+        *,
+        topology: Topology | None = None,
+        metrics: ConsumerMetrics | None = None,
+    ) -> None:
+        self.subscription = subscription
+        self._db = db
+        self._broker = broker
+        self._topology = topology or Topology()
+        self._metrics = metrics
+        self._lanes = [_Lane() for _ in range(max(1, subscription.concurrency))]
+        self.counts: dict[str, int] = {}
+        self.subscribed = asyncio.Event()  # the queue exists and is being consumed
+
+    async def run(self) -> None:
+        """Declare the queue, consume it, and apply events until cancelled."""
+        channel = await self._open_channel()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, lane in enumerate(self._lanes):
+                    group.create_task(self._drain(lane), name=f"{self.subscription.queue}-{index}")
+        finally:
+            await _close_quietly(channel)
+
+    async def _open_channel(self) -> AbstractChannel:
+        """Retry until the broker is there; the robust channel then survives reconnects."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._subscribe()
+            except (BrokerUnavailable, ConnectionError, TimeoutError) as exc:
+                queue = self.subscription.queue
+                log.warning("consumer.broker_unavailable", queue=queue, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    async def _subscribe(self) -> AbstractChannel:
+        sub = self.subscription
+        channel = await self._broker.connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=sub.prefetch)
+            queue = await declare_consumer_queue(
+                channel, self._topology, sub.queue, sub.bindings, max_deliveries=sub.max_deliveries
+            )
+            await queue.consume(self._dispatch)
+        except BaseException:
+            await _close_quietly(channel)
+            raise
+        log.info("consumer.subscribed", queue=sub.queue, bindings=list(sub.bindings))
+        self.subscribed.set()
+        return channel
+
+    async def _dispatch(self, message: AbstractIncomingMessage) -> None:
+        # Called in delivery order; the lane keeps that order for the message's aggregate.
+        self._lanes[self._lane_of(message)].messages.put_nowait(message)
+
+    def _lane_of(self, message: AbstractIncomingMessage) -> int:
+        headers = message.headers or {}
+        key = repr((headers.get("ce-aggregatetype"), headers.get("ce-aggregateid")))
+        return zlib.crc32(key.encode()) % len(self._lanes)
+
+    async def _drain(self, lane: _Lane) -> None:
+        while True:
+            message = await lane.messages.get()
+            await self._handle(message)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = decode_event(message)
+        except BadEnvelope as exc:
+            log.error("consumer.unreadable", message_id=message.message_id, error=str(exc))
+            await self._settle(message, "dead_lettered")
+            return
+        attempt = _delivery_count(message)
+        while True:
+            attempt += 1
+            try:
+                applied = await self._apply(event)
+            except Exception as exc:
+                if await self._gave_up(message, event, exc, attempt=attempt):
+                    return
+                continue
+            await self._settle(message, "applied" if applied else "duplicate", ack=True)
+            return
+
+    async def _apply(self, event: Event) -> bool:
+        """Apply ``event`` once; waits out a database outage. False for a duplicate."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._apply_once(event)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("consumer.database_unavailable", error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    async def _apply_once(self, event: Event) -> bool:
+        async with self._db.pool.acquire() as conn, conn.transaction():
+            fresh = await conn.fetchval(
+                "INSERT INTO inbox (consumer, message_id, event_type, source)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                self.subscription.queue,
+                event.id,
+                event.type,
+                event.source,
+            )
+            if not fresh:
+                return False
+            await self.subscription.handler(conn, event)
+        return True
+
+    async def _gave_up(
+        self, message: AbstractIncomingMessage, event: Event, exc: Exception, *, attempt: int
+    ) -> bool:
+        """Dead-letter after the last attempt (True), else wait before the next one."""
+        sub = self.subscription
+        fields = {"queue": sub.queue, "event_id": event.id, "attempt": attempt}
+        if attempt >= sub.max_deliveries:
+            log.error("consumer.dead_lettered", error=repr(exc), **fields)
+            await self._settle(message, "dead_lettered")
+            return True
+        log.warning("consumer.handler_failed", error=repr(exc), **fields)
+        self._count("retried")
+        await asyncio.sleep(min(sub.retry_delay_max, sub.retry_delay * 2 ** (attempt - 1)))
+        return False
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, outcome: str, *, ack: bool = False
+    ) -> None:
+        try:
+            if ack:
+                await message.ack()
+            else:
+                await message.reject(requeue=False)  # to the dead-letter exchange
+        except Exception as exc:
+            # The channel died with the message unsettled: the broker redelivers it, and the
+            # inbox turns that into a duplicate.
+            log.warning("consumer.settle_failed", outcome=outcome, error=str(exc))
+            outcome = f"{outcome}_unsettled"
+        self._count(outcome)
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if self._metrics is not None:
+            self._metrics.consumed.labels(self.subscription.queue, outcome).inc()
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    # Quorum queues count returns in x-delivery-count (absent on the first delivery).
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    if not channel.is_closed:
+        try:
+            await channel.close()
+        except Exception as exc:
+            log.debug("consumer.channel_close_failed", error=str(exc))

@@ -1,0 +1,181 @@
+"""Events on the wire: CloudEvents 1.0 in binary content mode over AMQP 0-9-1.
+
+The cloudevents package's RabbitMQ binding (``cloudevents.core.bindings.rabbitmq``, the AMQP
+0-9-1 mapping; its ``amqp`` module is for AMQP 1.0) puts the attributes in ``ce-*`` headers and
+the JSON payload in the body. On top of it we set the AMQP properties RabbitMQ tools show:
+``message_id`` (= the CloudEvents id = the outbox event id), ``type``, ``app_id``,
+``timestamp``, and persistent delivery.
+
+Attributes we use: ``source`` = ``/ordermesh/<service>``, ``type`` =
+``ordermesh.<service>.<event_type>``, ``subject`` = ``<aggregate_type>/<aggregate_id>``, and
+the extensions ``aggregatetype``, ``aggregateid`` and ``sequence`` (the outbox row id: per
+producer and aggregate it grows in commit order), plus any from the outbox row's headers
+(e.g. ``traceparent``).
+
+>>> message = encode_event(outgoing, service="order")     # an aio_pika.Message
+>>> event = decode_event(incoming)                        # an Event, or BadEnvelope
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aio_pika import DeliveryMode, Message
+from aio_pika.abc import AbstractIncomingMessage
+from cloudevents.core.bindings import rabbitmq as ce_rabbitmq
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+_FORMAT = JSONFormat()
+_CONTENT_TYPE = "application/json"
+_OWN_EXTENSIONS = ("aggregatetype", "aggregateid", "sequence")
+
+
+class BadEnvelope(Exception):
+    """A message that is not one of our CloudEvents; retrying cannot fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEvent:
+    """What the relay publishes: one outbox row."""
+
+    id: uuid.UUID
+    sequence: int
+    aggregate_type: str
+    aggregate_id: str
+    event_type: str
+    payload: Mapping[str, Any]
+    created_at: datetime
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A received event, as handlers see it."""
+
+    id: str
+    source: str
+    type: str
+    service: str
+    event_type: str
+    aggregate_type: str
+    aggregate_id: str
+    sequence: int
+    time: datetime | None
+    data: dict[str, Any]
+    extensions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def routing_key(self) -> str:
+        return f"{self.service}.{self.event_type}"
+
+
+def ce_type(service: str, event_type: str) -> str:
+    """The CloudEvents ``type`` of an event: reverse-DNS style, e.g. ``ordermesh.order.created``."""
+    return f"ordermesh.{service}.{event_type}"
+
+
+def encode_event(event: OutgoingEvent, *, service: str) -> Message:
+    """The AMQP message for ``event``; its ``message_id`` is the event id."""
+    cloud_event = CloudEvent(
+        attributes={
+            **event.headers,
+            "id": str(event.id),
+            "source": f"/ordermesh/{service}",
+            "type": ce_type(service, event.event_type),
+            "subject": f"{event.aggregate_type}/{event.aggregate_id}",
+            "time": event.created_at,
+            "datacontenttype": _CONTENT_TYPE,
+            "aggregatetype": event.aggregate_type,
+            "aggregateid": event.aggregate_id,
+            "sequence": str(event.sequence),
+        },
+        # Serialised here (orjson) so the binding passes bytes through untouched.
+        data=orjson.dumps(event.payload),
+    )
+    wire = ce_rabbitmq.to_binary(cloud_event, _FORMAT)
+    return Message(
+        wire.body,
+        headers=dict(wire.headers),
+        content_type=wire.content_type,
+        message_id=str(event.id),
+        type=cloud_event.get_type(),
+        app_id=service,
+        timestamp=event.created_at,
+        delivery_mode=DeliveryMode.PERSISTENT,
+    )
+
+
+def decode_event(message: AbstractIncomingMessage) -> Event:
+    """The event in ``message``; raises :class:`BadEnvelope` when it is not one of ours."""
+    headers = {
+        k: _header_text(v)
+        for k, v in (message.headers or {}).items()
+        if k.lower().startswith(ce_rabbitmq.CE_PREFIX)
+    }
+    # The body is parsed once, below, with orjson; the binding only reads the attributes.
+    wire = ce_rabbitmq.RabbitMQMessage(headers=headers, content_type=message.content_type, body=b"")
+    try:
+        cloud_event = ce_rabbitmq.from_binary(wire, _FORMAT, CloudEvent)
+    except (BaseCloudEventException, ValueError, TypeError) as exc:
+        raise BadEnvelope(f"not a CloudEvent: {exc}") from exc
+    return _to_event(cloud_event.get_attributes(), _payload(message.body))
+
+
+def _to_event(attributes: Mapping[str, Any], data: dict[str, Any]) -> Event:
+    service, event_type = _split_type(str(attributes["type"]))
+    try:
+        sequence = int(attributes["sequence"])
+        aggregate_type = str(attributes["aggregatetype"])
+        aggregate_id = str(attributes["aggregateid"])
+    except (KeyError, ValueError) as exc:
+        raise BadEnvelope(f"missing or bad extension attribute: {exc}") from exc
+    time = attributes.get("time")
+    return Event(
+        id=str(attributes["id"]),
+        source=str(attributes["source"]),
+        type=str(attributes["type"]),
+        service=service,
+        event_type=event_type,
+        aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id,
+        sequence=sequence,
+        time=time if isinstance(time, datetime) else None,
+        data=data,
+        extensions=_extensions(attributes),
+    )
+
+
+def _split_type(type_: str) -> tuple[str, str]:
+    prefix, _, rest = type_.partition(".")
+    service, _, event_type = rest.partition(".")
+    if prefix != "ordermesh" or not service or not event_type:
+        raise BadEnvelope(f"type {type_!r} is not ordermesh.<service>.<event_type>")
+    return service, event_type
+
+
+def _payload(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadEnvelope(f"body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadEnvelope("body is not a JSON object")
+    return data
+
+
+def _extensions(attributes: Mapping[str, Any]) -> dict[str, str]:
+    standard = {"id", "source", "type", "specversion", "subject", "time", "datacontenttype"}
+    skip = standard.union(_OWN_EXTENSIONS, {"dataschema"})
+    return {k: str(v) for k, v in attributes.items() if k not in skip}
+
+
+def _header_text(value: object) -> str:
+    # The binding reads strings; AMQP tables may hand us bytes.
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,334 @@
+"""The outbox relay: moves committed events from the outbox table to RabbitMQ, losing none.
+
+One relay per service is active, chosen by a leader election; each of its batches runs in
+one database transaction::
+
+    claim (FOR UPDATE SKIP LOCKED, id order) -> publish (pipelined confirms, mandatory)
+    -> fence (is my leadership token still the newest?) -> mark confirmed rows published,
+    count failed attempts (quarantine after max_attempts) -> commit
+
+A crash anywhere before the commit leaves the rows unpublished, so they are sent again:
+delivery is at least once, and consumers' inbox makes it exactly-once in effect. A stale
+leader (paused past its lease) is rejected at the fence and its transaction rolls back.
+
+The relay wakes on ``LISTEN ordermesh_outbox`` (``add_event`` notifies on commit) and polls
+every ``poll_interval`` in case a notification is missed (e.g. while the listener reconnects).
+
+>>> relay = OutboxRelay(db, broker, service="order", fence=fence_for("order"))
+>>> tasks.start(relay.run(election), name="outbox-relay")    # leads, relays, steps down
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn, Protocol
+
+import asyncpg
+import structlog
+
+from ordermesh_shared.database import Database, DbConn
+from ordermesh_shared.messaging.envelope import OutgoingEvent
+from ordermesh_shared.messaging.failures import ConnectionSource, is_transient
+from ordermesh_shared.messaging.topology import Topology
+from ordermesh_shared.outbox.metrics import OutboxMetrics
+from ordermesh_shared.outbox.publisher import BatchOutcome, EventPublisher, describe
+from ordermesh_shared.outbox.store import (
+    NOTIFY_CHANNEL,
+    Backoff,
+    Failure,
+    claim_batch,
+    mark_published,
+    prune_published,
+    record_failures,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class FencedOut(Exception):
+    """A newer relay leader has written to the outbox: this one must stop (raised by ``Fence``)."""
+
+
+class LeaderTerm(Protocol):
+    """One leadership term: ``token`` fences writes, ``lost`` is set when it ends."""
+
+    @property
+    def token(self) -> int: ...
+
+    @property
+    def lost(self) -> asyncio.Event: ...
+
+
+class Leadership(Protocol):
+    """What the relay needs from an election (``coordination.Election`` satisfies it)."""
+
+    async def run_while_leader(self, work: Callable[[LeaderTerm], Awaitable[None]]) -> None: ...
+
+
+# Checks, inside the marking transaction, that ``token`` is still the newest; raises FencedOut.
+Fence = Callable[[DbConn, int], Awaitable[None]]
+# Test hook: runs after the broker confirmed a batch and before the rows are marked.
+AfterConfirm = Callable[[Sequence[OutgoingEvent]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _SoleTerm:
+    token: int
+    lost: asyncio.Event
+
+
+class SoleLeader:
+    """Always the leader, with token 0: for a deployment that runs exactly one relay itself.
+
+    >>> await relay.run(SoleLeader())      # no etcd; never run two of these for one database
+    """
+
+    async def run_while_leader(self, work: Callable[[LeaderTerm], Awaitable[None]]) -> NoReturn:
+        while True:
+            try:
+                await work(_SoleTerm(token=0, lost=asyncio.Event()))
+            except Exception as exc:  # like the election: log, back off, run the work again
+                log.error("outbox.relay_failed", exc_info=exc)
+            await asyncio.sleep(1.0)
+
+
+async def no_fence(_conn: DbConn, _token: int) -> None:
+    """The fence of a :class:`SoleLeader` relay: nothing else writes, nothing to check."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """Tuning; the defaults suit a service, tests shorten the times."""
+
+    batch_size: int = 500
+    publish_timeout: float = 5.0
+    poll_interval: float = 2.0
+    retry: Backoff = field(default_factory=Backoff)  # of a failed event; then quarantine
+    error_backoff_max: float = 5.0  # while the database or broker is down
+    prune_after: float = 7 * 24 * 3600.0  # keep published rows this long (for audits)
+    prune_interval: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """What one batch did (for logs, metrics and tests)."""
+
+    claimed: int
+    published: int
+    failed: int
+    held: int
+    quarantined: Sequence[int]
+    outage: str | None
+
+
+class OutboxRelay:
+    """Relays one service's outbox to the events exchange while it holds leadership.
+
+    >>> relay = OutboxRelay(db, broker, service="payment", fence=fence, metrics=metrics)
+    >>> await relay.run(election)              # forever; cancel to stop
+    >>> report = await relay.relay_batch(token=7)   # one batch by hand (tests, benchmarks)
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        broker: ConnectionSource,
+        *,
+        service: str,
+        fence: Fence = no_fence,
+        settings: RelaySettings | None = None,
+        topology: Topology | None = None,
+        metrics: OutboxMetrics | None = None,
+        after_confirm: AfterConfirm | None = None,
+    ) -> None:
+        self.service = service
+        self.settings = settings or RelaySettings()
+        self._db = db
+        self._fence = fence
+        self._metrics = metrics
+        self._after_confirm = after_confirm
+        self._publisher = EventPublisher(
+            broker,
+            service=service,
+            topology=topology or Topology(),
+            timeout=self.settings.publish_timeout,
+        )
+        self._retry_at: float | None = None
+        self._pruned_at = 0.0
+        # A relay frozen mid-batch (SIGSTOP, VM stall) must not hold its claimed rows and the
+        # fencing row forever: Postgres ends its transaction after this much idle time. It
+        # has to outlast the publish of a batch, which waits at most one publish timeout.
+        self._idle_limit = max(30.0, 6 * self.settings.publish_timeout)
+
+    async def run(self, leadership: Leadership) -> None:
+        """Campaign, and relay while leading; runs until cancelled."""
+        try:
+            await leadership.run_while_leader(self._lead)
+        finally:
+            await self._publisher.close()
+
+    async def relay_batch(self, token: int) -> BatchReport:
+        """Claim, publish, fence and mark one batch in one transaction."""
+        await self._publisher.ready()  # no claim (and no open transaction) while it is down
+        started = time.perf_counter()
+        async with self._db.pool.acquire() as conn, conn.transaction():
+            await _limit_idle_time(conn, self._idle_limit)
+            events = await claim_batch(conn, limit=self.settings.batch_size)
+            if not events:
+                return BatchReport(0, 0, 0, 0, (), None)
+            outcome = await self._publisher.publish(events)
+            if self._after_confirm is not None:
+                await self._after_confirm(outcome.confirmed)
+            await self._fence(conn, token)
+            quarantined = await self._record(conn, outcome)
+        report = self._report(events, outcome, quarantined)
+        self._observe(report, time.perf_counter() - started)
+        return report
+
+    async def _record(self, conn: DbConn, outcome: BatchOutcome) -> list[int]:
+        await mark_published(conn, [e.sequence for e in outcome.confirmed])
+        failures = [Failure(e.sequence, describe(exc)) for e, exc in outcome.failed]
+        record = await record_failures(conn, failures, backoff=self.settings.retry)
+        if record.next_retry_in is not None:
+            retry_at = time.monotonic() + record.next_retry_in
+            self._retry_at = min(retry_at, self._retry_at or retry_at)
+        return record.quarantined
+
+    def _report(
+        self, events: Sequence[OutgoingEvent], outcome: BatchOutcome, quarantined: list[int]
+    ) -> BatchReport:
+        report = BatchReport(
+            claimed=len(events),
+            published=len(outcome.confirmed),
+            failed=len(outcome.failed),
+            held=len(outcome.held),
+            quarantined=quarantined,
+            outage=None if outcome.outage is None else describe(outcome.outage),
+        )
+        for event, exc in outcome.failed:
+            log.warning("outbox.publish_failed", event_id=str(event.id), error=describe(exc))
+        if quarantined:
+            log.error("outbox.quarantined", rows=quarantined, hint="re-drive via the admin API")
+        return report
+
+    def _observe(self, report: BatchReport, seconds: float) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.published.inc(report.published)
+        self._metrics.failures.labels("event").inc(report.failed)
+        if report.outage is not None:
+            self._metrics.failures.labels("broker").inc()
+        self._metrics.quarantined_total.inc(len(report.quarantined))
+        self._metrics.batch_seconds.observe(seconds)
+
+    async def _lead(self, term: LeaderTerm) -> None:
+        log.info("outbox.relay_leading", service=self.service, token=term.token)
+        if self._metrics is not None:
+            self._metrics.leader.set(1)
+        try:
+            async with self._wakeups() as wakeup:
+                await self._relay_until_lost(term, wakeup)
+        finally:
+            if self._metrics is not None:
+                self._metrics.leader.set(0)
+
+    async def _relay_until_lost(self, term: LeaderTerm, wakeup: asyncio.Event) -> None:
+        trouble = 0
+        while not term.lost.is_set():
+            wakeup.clear()  # before the batch: a NOTIFY arriving during it is kept
+            try:
+                report = await self.relay_batch(term.token)
+                await self._maybe_prune()
+            except FencedOut as exc:
+                log.warning("outbox.relay_fenced", token=term.token, error=str(exc))
+                if self._metrics is not None:
+                    self._metrics.fenced.inc()
+                return  # a newer leader exists: end this term
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise  # a bug: the election logs it and runs the work again after a backoff
+                trouble += 1
+                await self._back_off(trouble, exc)
+                continue
+            trouble = 0 if report.outage is None else trouble + 1
+            if report.outage is not None:
+                await self._back_off(trouble, report.outage)
+            elif report.claimed < self.settings.batch_size:
+                await _wait(wakeup, self._idle_wait())
+
+    async def _back_off(self, trouble: int, problem: BaseException | str) -> None:
+        cap = self.settings.error_backoff_max
+        delay = min(cap, 0.05 * 2**trouble) * random.uniform(0.5, 1.0)
+        error = problem if isinstance(problem, str) else describe(problem)
+        log.warning("outbox.relay_waiting", error=error, retry_in=round(delay, 3))
+        await asyncio.sleep(delay)
+
+    def _idle_wait(self) -> float:
+        wait = self.settings.poll_interval
+        if self._retry_at is not None:
+            wait = min(wait, max(0.0, self._retry_at - time.monotonic()))
+            if self._retry_at <= time.monotonic():
+                self._retry_at = None
+        return wait
+
+    async def _maybe_prune(self) -> None:
+        if time.monotonic() - self._pruned_at < self.settings.prune_interval:
+            return
+        self._pruned_at = time.monotonic()
+        async with self._db.pool.acquire() as conn:
+            pruned = await prune_published(conn, older_than_seconds=self.settings.prune_after)
+        if pruned:
+            log.info("outbox.pruned", rows=pruned)
+
+    @contextlib.asynccontextmanager
+    async def _wakeups(self) -> AsyncIterator[asyncio.Event]:
+        wakeup = asyncio.Event()
+        listener = asyncio.create_task(self._listen(wakeup), name="outbox-listen")
+        try:
+            yield wakeup
+        finally:
+            listener.cancel()
+            await asyncio.wait({listener})
+
+    async def _listen(self, wakeup: asyncio.Event) -> None:
+        """Hold a LISTEN connection, reconnecting with backoff; the poll covers the gaps."""
+        trouble = 0
+        while True:
+            try:
+                await _listen_until_closed(self._db.dsn, wakeup)
+                trouble = 0
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                trouble += 1
+                log.debug("outbox.listen_failed", error=str(exc))
+            await asyncio.sleep(min(self.settings.error_backoff_max, 0.1 * 2**trouble))
+
+
+async def _limit_idle_time(conn: DbConn, seconds: float) -> None:
+    await conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
+        f"{int(seconds * 1000)}ms",
+    )
+
+
+async def _listen_until_closed(dsn: str, wakeup: asyncio.Event) -> None:
+    conn = await asyncpg.connect(dsn, timeout=3)
+    closed = asyncio.Event()
+    try:
+        conn.add_termination_listener(lambda _c: closed.set())
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: wakeup.set())
+        wakeup.set()  # rows may have been committed while we were not listening
+        await closed.wait()
+    finally:
+        with contextlib.suppress(Exception):  # a broken connection has nothing to close
+            await conn.close(timeout=2)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:  # noqa: ASYNC109
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()

@@ -1,0 +1,292 @@
+"""The outbox table's SQL: writing events in the business transaction, and the relay's queries.
+
+>>> async with pool.acquire() as conn, conn.transaction():
+...     await conn.execute("UPDATE stock SET reserved = reserved + $1 ...", 2)
+...     await add_event(conn, aggregate_type="stock", aggregate_id="KB-101",
+...                     event_type="stock_reserved", payload={"sku": "KB-101", "quantity": 2})
+... # committed together, or neither; the NOTIFY wakes the relay only on commit
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ordermesh_shared.database import DbConn
+from ordermesh_shared.messaging.envelope import OutgoingEvent
+from ordermesh_shared.messaging.topology import check_word
+
+NOTIFY_CHANNEL = "ordermesh_outbox"
+
+# CloudEvents extension names: lowercase letters and digits (the spec advises <= 20 chars).
+_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+_RESERVED_HEADERS = frozenset(
+    {"id", "source", "type", "specversion", "subject", "time", "datacontenttype", "dataschema"}
+    | {"aggregatetype", "aggregateid", "sequence", "data"}
+)
+
+
+class NotInTransaction(Exception):
+    """``add_event`` was called outside a transaction: the event would commit on its own."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A row whose publish failed, and why."""
+
+    row_id: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """When a failed row is tried again: ``base * 2**(attempts-1)``, capped, with jitter."""
+
+    base: float = 0.5
+    cap: float = 60.0
+    # ~3 minutes of retries: long enough to ride out a consumer queue not declared yet
+    # (unroutable until then), short enough that a real poison row shows up soon.
+    max_attempts: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    """What recording failures did: rows quarantined now, and the soonest retry."""
+
+    quarantined: list[int]
+    next_retry_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxLag:
+    """How far the relay is behind: unpublished events, the oldest one's age, quarantined."""
+
+    pending: int
+    oldest_age_seconds: float
+    quarantined: int
+
+    def as_json(self) -> dict[str, float | int]:
+        return {
+            "pending": self.pending,
+            "oldest_pending_age_seconds": round(self.oldest_age_seconds, 3),
+            "quarantined": self.quarantined,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedRow:
+    """A row the relay gave up on, as the admin endpoint lists it."""
+
+    id: int
+    event_id: uuid.UUID
+    aggregate_type: str
+    aggregate_id: str
+    event_type: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    quarantined_at: datetime
+    held_behind: int  # later events of the same aggregate waiting for this one
+
+
+async def add_event(
+    conn: DbConn,
+    *,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Mapping[str, Any],
+    headers: Mapping[str, str] | None = None,
+) -> uuid.UUID:
+    """Record an event in the caller's transaction; returns its id (the CloudEvents id).
+
+    Call it after the write that locks the aggregate: per aggregate, outbox ids then follow
+    commit order, which is the order consumers receive the events in.
+    """
+    if not conn.is_in_transaction():
+        raise NotInTransaction("add_event must run inside the business transaction")
+    check_word(event_type, what="event type")
+    _check_headers(headers or {})
+    event_id = uuid.uuid4()
+    # One round trip; pg_notify inside the transaction is delivered only if it commits.
+    await conn.execute(
+        "WITH added AS (INSERT INTO outbox"
+        "  (event_id, aggregate_type, aggregate_id, event_type, payload, headers)"
+        "  VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb) RETURNING 1)"
+        f" SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM added",
+        event_id,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        orjson.dumps(payload).decode(),
+        orjson.dumps(dict(headers or {})).decode(),
+    )
+    return event_id
+
+
+def _check_headers(headers: Mapping[str, str]) -> None:
+    for name, value in headers.items():
+        if not _EXTENSION_NAME.match(name) or name in _RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is not a usable CloudEvents extension name")
+        if not isinstance(value, str):
+            raise ValueError(f"header {name!r} must be a string")
+
+
+async def claim_batch(conn: DbConn, *, limit: int) -> list[OutgoingEvent]:
+    """Lock up to ``limit`` due rows in id order, for the rest of the caller's transaction.
+
+    Never a ``WHERE id > last_seen`` high-water mark: ids are taken at insert, not at commit,
+    so a row with a smaller id can become visible after a larger one. A row is skipped while
+    an earlier event of its aggregate is waiting out a backoff or is quarantined, so one
+    aggregate's events never overtake each other.
+    """
+    # SKIP LOCKED: two relays never claim the same row, and a stale one never blocks us.
+    rows = await conn.fetch(
+        """
+        SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+               o.payload::text AS payload, o.headers::text AS headers, o.created_at
+          FROM outbox o
+         WHERE o.published_at IS NULL AND o.quarantined_at IS NULL
+           AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+           AND NOT EXISTS (
+                 SELECT 1 FROM outbox e
+                  WHERE e.aggregate_type = o.aggregate_type
+                    AND e.aggregate_id = o.aggregate_id
+                    AND e.published_at IS NULL
+                    AND e.id < o.id
+                    AND (e.quarantined_at IS NOT NULL OR e.next_attempt_at > now()))
+         ORDER BY o.id
+         LIMIT $1
+           FOR UPDATE OF o SKIP LOCKED
+        """,
+        limit,
+    )
+    return [_outgoing(r) for r in rows]
+
+
+def _outgoing(row: asyncpg.Record) -> OutgoingEvent:
+    return OutgoingEvent(
+        id=row["event_id"],
+        sequence=row["id"],
+        aggregate_type=row["aggregate_type"],
+        aggregate_id=row["aggregate_id"],
+        event_type=row["event_type"],
+        payload=orjson.loads(row["payload"]),
+        headers=orjson.loads(row["headers"]),
+        created_at=row["created_at"],
+    )
+
+
+async def mark_published(conn: DbConn, row_ids: Sequence[int]) -> None:
+    """Record the broker's confirms (only for rows it confirmed)."""
+    if row_ids:
+        await conn.execute(
+            "UPDATE outbox SET published_at = now(), attempts = attempts + 1,"
+            " next_attempt_at = NULL WHERE id = ANY($1::bigint[])",
+            list(row_ids),
+        )
+
+
+async def record_failures(
+    conn: DbConn, failures: Sequence[Failure], *, backoff: Backoff
+) -> FailureRecord:
+    """Count a failed attempt per row and schedule its retry, or quarantine it."""
+    if not failures:
+        return FailureRecord([], None)
+    # The delay grows with the row's own attempts; jitter spreads rows that failed together.
+    rows = await conn.fetch(
+        """
+        UPDATE outbox o
+           SET attempts = o.attempts + 1,
+               last_error = f.error,
+               next_attempt_at = now() + make_interval(
+                   secs => least($4::float8, $3::float8 * 2 ^ o.attempts) * (1 + random())),
+               quarantined_at = CASE WHEN o.attempts + 1 >= $5 THEN now() END
+          FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+         WHERE o.id = f.id
+        RETURNING o.id, o.quarantined_at IS NOT NULL AS quarantined,
+                  extract(epoch FROM o.next_attempt_at - now())::float8 AS retry_in
+        """,
+        [f.row_id for f in failures],
+        [f.error[:2000] for f in failures],
+        backoff.base,
+        backoff.cap,
+        backoff.max_attempts,
+    )
+    retries = [r["retry_in"] for r in rows if not r["quarantined"]]
+    return FailureRecord(
+        quarantined=sorted(r["id"] for r in rows if r["quarantined"]),
+        next_retry_in=min(retries) if retries else None,
+    )
+
+
+async def outbox_lag(conn: DbConn) -> OutboxLag:
+    """Unpublished count and oldest age (quarantined rows included), and the quarantined count."""
+    row = await conn.fetchrow(
+        """
+        SELECT count(*) AS pending,
+               coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest,
+               count(*) FILTER (WHERE quarantined_at IS NOT NULL) AS quarantined
+          FROM outbox WHERE published_at IS NULL
+        """
+    )
+    assert row is not None
+    return OutboxLag(row["pending"], max(0.0, row["oldest"]), row["quarantined"])
+
+
+async def list_quarantined(conn: DbConn, *, limit: int = 100) -> list[QuarantinedRow]:
+    """Quarantined rows, oldest first, with how many later events each one holds back."""
+    rows = await conn.fetch(
+        """
+        SELECT q.id, q.event_id, q.aggregate_type, q.aggregate_id, q.event_type, q.attempts,
+               q.last_error, q.created_at, q.quarantined_at,
+               (SELECT count(*) FROM outbox l
+                 WHERE l.aggregate_type = q.aggregate_type AND l.aggregate_id = q.aggregate_id
+                   AND l.published_at IS NULL AND l.id > q.id) AS held_behind
+          FROM outbox q
+         WHERE q.quarantined_at IS NOT NULL AND q.published_at IS NULL
+         ORDER BY q.id
+         LIMIT $1
+        """,
+        limit,
+    )
+    return [QuarantinedRow(**dict(r)) for r in rows]
+
+
+async def redrive(conn: DbConn, event_ids: Sequence[uuid.UUID] | None = None) -> list[uuid.UUID]:
+    """Give quarantined rows (all of them when ``event_ids`` is None) a fresh set of attempts."""
+    rows = await conn.fetch(
+        f"""
+        WITH redriven AS (
+            UPDATE outbox
+               SET quarantined_at = NULL, attempts = 0, next_attempt_at = NULL
+             WHERE quarantined_at IS NOT NULL AND published_at IS NULL
+               AND ($1::uuid[] IS NULL OR event_id = ANY($1::uuid[]))
+            RETURNING event_id, id)
+        SELECT event_id, pg_notify('{NOTIFY_CHANNEL}', '') FROM redriven ORDER BY id
+        """,
+        None if event_ids is None else list(event_ids),
+    )
+    return [r["event_id"] for r in rows]
+
+
+async def prune_published(conn: DbConn, *, older_than_seconds: float, limit: int = 5000) -> int:
+    """Delete up to ``limit`` rows published longer ago than ``older_than_seconds``."""
+    result = await conn.execute(
+        """
+        DELETE FROM outbox WHERE id IN (
+            SELECT id FROM outbox
+             WHERE published_at < now() - make_interval(secs => $1)
+             ORDER BY id LIMIT $2)
+        """,
+        older_than_seconds,
+        limit,
+    )
+    return int(result.split()[-1])

@@ -1,0 +1,92 @@
+"""What a service runs for its outbox, started by the shared bootstrap.
+
+Every instance: the lag monitor (metrics, ``/health/ready`` details) and the admin endpoints.
+The relay, by ``settings.outbox_relay``:
+
+* ``elected`` (default) — every instance campaigns in the etcd election
+  ``/ordermesh/elections/outbox-relay/<service>``; the leader relays, and its marks are fenced
+  with its term's token. If etcd is down nobody relays (lag grows and shows), by design: two
+  relays at once would reorder events.
+* ``standalone`` — relay without etcd or fencing. Only for a deployment that runs exactly one
+  instance of the service (say so explicitly: it is not a fallback taken silently).
+* ``off`` — no relay in this process (another process relays).
+
+>>> install_outbox(app, ctx)     # in the lifespan, after the migrations task was started
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, cast, get_args
+
+import structlog
+from fastapi import FastAPI
+
+from ordermesh_shared.coordination import Election, StaleToken, fence
+from ordermesh_shared.database import DbConn
+from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.outbox.admin import outbox_admin_router
+from ordermesh_shared.outbox.metrics import OutboxMetrics, OutboxMonitor
+from ordermesh_shared.outbox.relay import Fence, FencedOut, OutboxRelay, SoleLeader, no_fence
+
+if TYPE_CHECKING:
+    from ordermesh_shared.bootstrap import ServiceContext
+
+log = structlog.get_logger(__name__)
+
+RelayMode = Literal["elected", "standalone", "off"]
+ELECTION_TTL = 5.0
+
+
+def relay_mode(settings: object) -> RelayMode:
+    """``settings.outbox_relay`` (``elected`` when the settings class has no such field)."""
+    mode = getattr(settings, "outbox_relay", "elected")
+    for known in get_args(RelayMode):
+        if mode == known:
+            return cast(RelayMode, known)
+    raise ValueError(f"OUTBOX_RELAY={mode!r}: expected one of {get_args(RelayMode)}")
+
+
+def election_name(service: str) -> str:
+    return f"/ordermesh/elections/outbox-relay/{service}"
+
+
+def relay_fence(service: str) -> Fence:
+    """Fence marks with the election token; a stale leader gets :class:`FencedOut`."""
+    resource = f"outbox-relay/{service}"
+
+    async def check(conn: DbConn, token: int) -> None:
+        try:
+            await fence(conn, resource=resource, token=token)
+        except StaleToken as exc:
+            raise FencedOut(str(exc)) from exc
+
+    return check
+
+
+async def run_elected(relay: OutboxRelay, *, etcd_url: str, instance_id: str) -> None:
+    """Campaign on etcd and relay while leading, until cancelled."""
+    async with EtcdClient(etcd_url) as etcd:
+        election = Election(etcd, election_name(relay.service), ttl=ELECTION_TTL, value=instance_id)
+        await relay.run(election)
+
+
+def install_outbox(app: FastAPI, ctx: ServiceContext) -> None:
+    """Monitor, admin routes and (by mode) the relay, as background tasks of the service."""
+    metrics = OutboxMetrics(ctx.metrics.registry)
+    monitor = OutboxMonitor(ctx.db, metrics)
+    ctx.health.add_detail("outbox", monitor.lag_json)
+    app.include_router(outbox_admin_router())
+    ctx.tasks.start(monitor.run(), name="outbox-monitor")
+    mode = relay_mode(ctx.settings)
+    service = ctx.instance.service
+    log.info("outbox.relay_mode", mode=mode)
+    if mode == "off":
+        return
+    fenced = relay_fence(service) if mode == "elected" else no_fence
+    relay = OutboxRelay(ctx.db, ctx.broker, service=service, fence=fenced, metrics=metrics)
+    if mode == "standalone":
+        ctx.tasks.start(relay.run(SoleLeader()), name="outbox-relay")
+        return
+    instance_id = ctx.instance.instance_id
+    elected = run_elected(relay, etcd_url=ctx.settings.etcd_url, instance_id=instance_id)
+    ctx.tasks.start(elected, name="outbox-relay")
