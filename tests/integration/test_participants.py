@@ -217,3 +217,29 @@ async def test_shipment_rules(shipping: httpx.AsyncClient) -> None:
         "/shipments", json={"order_id": early_cancel, "destination": "FR"}, headers=key()
     )
     assert (late.status_code, late.json()["reason"]) == (409, "cancelled")
+
+
+async def outbox_events(client: httpx.AsyncClient, order_id: str) -> list[str]:
+    async with context_of(client).db.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT event_type FROM outbox WHERE aggregate_id = $1 ORDER BY id", order_id
+        )
+    return [r["event_type"] for r in rows]
+
+
+async def test_state_changes_emit_events_and_rejections_emit_none(
+    inventory: httpx.AsyncClient,
+) -> None:
+    order_id = str(uuid.uuid4())
+    body = {"order_id": order_id, "items": [{"sku": "KB-101", "quantity": 1}]}
+    await inventory.post("/reservations", json=body, headers=key())
+    await inventory.post(f"/reservations/{order_id}/release", headers=key())
+    await inventory.post(f"/reservations/{order_id}/release", headers=key())  # no change, no event
+    assert await outbox_events(inventory, order_id) == ["stock_reserved", "stock_released"]
+    short = str(uuid.uuid4())
+    await inventory.post(
+        "/reservations",
+        json={"order_id": short, "items": [{"sku": "HP-505", "quantity": 99}]},
+        headers=key(),
+    )
+    assert await outbox_events(inventory, short) == []

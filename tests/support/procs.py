@@ -95,7 +95,7 @@ class ChildProcess:
         return f"{self.argv[0]} ({state}); log {self.log_path}:\n{self.output()[-_LOG_TAIL_CHARS:]}"
 
     # Our own timeout rather than the caller's asyncio.timeout: the failure quotes the log.
-    async def wait_for_output(self, text: str, *, timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_for_output(self, text: str, *, timeout: float) -> None:
         """Wait (without blocking the event loop) until ``text`` appears in the output."""
         deadline = time.monotonic() + timeout
         while True:  # polling a file: there is no event to wait on

@@ -8,6 +8,7 @@ from typing import NoReturn
 from asyncpg import Record
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.errors import Conflict, NotFound, Rejected
+from ordermesh_shared.outbox import add_event
 
 from inventory import store
 from inventory.domain import Reservation, ReservedLine, ReserveRequest, total_of
@@ -26,7 +27,19 @@ async def reserve_stock(conn: DbConn, request: ReserveRequest) -> tuple[int, Res
         if price is None:
             await _explain_shortage(conn, line.sku, line.quantity)
         await store.insert_item(conn, reservation_id, line.sku, line.quantity, price)
-    return 201, await load_reservation(conn, request.order_id)
+    reservation = await load_reservation(conn, request.order_id)
+    await _event(conn, reservation, "stock_reserved")
+    return 201, reservation
+
+
+async def _event(conn: DbConn, reservation: Reservation, event_type: str) -> None:
+    await add_event(
+        conn,
+        aggregate_type="reservation",
+        aggregate_id=str(reservation.order_id),
+        event_type=event_type,
+        payload=reservation.model_dump(mode="json"),
+    )
 
 
 async def _refuse_if_released(conn: DbConn, existing: Record) -> Reservation:
@@ -59,6 +72,7 @@ async def release_stock(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Reserva
         for line in await store.reservation_items(conn, existing["id"]):
             await store.return_stock(conn, line["sku"], line["quantity"])
         await store.set_status(conn, existing["id"], "released")
+        await _event(conn, await load_reservation(conn, order_id), "stock_released")
     return 200, await load_reservation(conn, order_id)
 
 
@@ -73,6 +87,7 @@ async def commit_stock(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Reservat
         for line in await store.reservation_items(conn, existing["id"]):
             await store.sell_stock(conn, line["sku"], line["quantity"])
         await store.set_status(conn, existing["id"], "committed")
+        await _event(conn, await load_reservation(conn, order_id), "stock_committed")
     return 200, await load_reservation(conn, order_id)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.errors import Conflict, NotFound, Rejected
+from ordermesh_shared.outbox import add_event
 
 from payment import store
 from payment.domain import ChargeRequest, Payment
@@ -25,9 +26,21 @@ async def charge_customer(conn: DbConn, request: ChargeRequest) -> tuple[int, An
         raise Rejected(f"unknown customer {request.customer_id!r}", reason="unknown_customer")
     if await store.debit(conn, request.customer_id, request.amount):
         await _record(conn, request, "charged")
-        return 201, await load_payment(conn, request.order_id)
+        return 201, await _with_event(conn, request.order_id, "charged")
     await _record(conn, request, "declined", reason="insufficient_funds")
-    return DECLINED, _declined(await load_payment(conn, request.order_id))
+    return DECLINED, _declined(await _with_event(conn, request.order_id, "declined"))
+
+
+async def _with_event(conn: DbConn, order_id: uuid.UUID, event_type: str) -> Payment:
+    payment = await load_payment(conn, order_id)
+    await add_event(
+        conn,
+        aggregate_type="payment",
+        aggregate_id=str(order_id),
+        event_type=event_type,
+        payload=payment.model_dump(mode="json"),
+    )
+    return payment
 
 
 def _declined(payment: Payment) -> dict[str, Any]:
@@ -72,6 +85,7 @@ async def refund_customer(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Payme
     elif existing["status"] == "charged":
         await store.credit(conn, existing["customer_id"], existing["amount"])
         await store.set_status(conn, order_id, "refunded")
+        return 200, await _with_event(conn, order_id, "refunded")
     return 200, await load_payment(conn, order_id)
 
 

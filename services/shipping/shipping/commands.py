@@ -6,6 +6,7 @@ import uuid
 
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.errors import Conflict, NotFound, Rejected
+from ordermesh_shared.outbox import add_event
 
 from shipping import store
 from shipping.domain import Shipment, ShipRequest
@@ -27,7 +28,19 @@ async def create_shipment(conn: DbConn, request: ShipRequest) -> tuple[int, Ship
             reason="unsupported_destination",
         )
     await store.insert_shipment(conn, request.order_id, request.destination, "created")
-    return 201, await load_shipment(conn, request.order_id)
+    return 201, await _with_event(conn, request.order_id, "shipment_created")
+
+
+async def _with_event(conn: DbConn, order_id: uuid.UUID, event_type: str) -> Shipment:
+    shipment = await load_shipment(conn, order_id)
+    await add_event(
+        conn,
+        aggregate_type="shipment",
+        aggregate_id=str(order_id),
+        event_type=event_type,
+        payload=shipment.model_dump(mode="json"),
+    )
+    return shipment
 
 
 async def cancel_shipment(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Shipment]:
@@ -37,6 +50,7 @@ async def cancel_shipment(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Shipm
         await store.insert_shipment(conn, order_id, None, "cancelled")
     elif existing["status"] == "created":
         await store.cancel(conn, order_id)
+        return 200, await _with_event(conn, order_id, "shipment_cancelled")
     return 200, await load_shipment(conn, order_id)
 
 
