@@ -10,6 +10,7 @@ pytest_plugins = [
         "tests.support.etcd",
         "tests.support.rabbitmq",
         "tests.support.consul_double",
+        "tests.support.stack",
     )
     if importlib.util.find_spec(name) is not None
 ]

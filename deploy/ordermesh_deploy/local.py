@@ -29,6 +29,17 @@ import asyncpg
 import httpx
 
 SERVICES = {"order": 8000, "inventory": 8001, "payment": 8002, "shipping": 8003}
+# Service settings that `up` hands on to the services when they are set in its environment.
+PASS_THROUGH = (
+    "ADMIN_TOKEN",
+    "DB_POOL_MAX",
+    "HEALTH_TIMEOUT",
+    "ORDER_WAIT",
+    "REGISTRY_TTL",
+    "SAGA_DEADLINE",
+    "SAGA_LEASE_TTL",
+    "SAGA_STEP_TIMEOUT",
+)
 INSTANCE_PORT_STEP = 10  # payment-2 listens on 8012, payment-3 on 8022...
 ETCD_PROGRAM = "etcd"
 
@@ -43,6 +54,7 @@ class Stack:
     etcd_url: str
     private_etcd: bool
     etcd_peer_port: int = 0
+    db_prefix: str = "ordermesh"
     instances: dict[str, str] = field(default_factory=dict)  # program -> base URL
 
     @property
@@ -151,23 +163,22 @@ def _service_env(stack: Stack, service: str, port: int, log_level: str) -> dict[
     return {
         "HOST": "127.0.0.1",
         "PORT": str(port),
-        "DATABASE_URL": f"{stack.postgres_url.rstrip('/')}/ordermesh_{service}",
+        "DATABASE_URL": f"{stack.postgres_url.rstrip('/')}/{stack.db_prefix}_{service}",
         "RABBITMQ_URL": stack.rabbitmq_url,
         "REGISTRY": "etcd",
         "ETCD_URL": stack.etcd_url,
         "LOG_LEVEL": log_level,
-        "ADMIN_TOKEN": os.environ.get("ADMIN_TOKEN", "ordermesh-admin"),
-    }
+    } | {name: os.environ[name] for name in PASS_THROUGH if name in os.environ}
 
 
-async def ensure_databases(postgres_url: str) -> list[str]:
-    """Create ``ordermesh_<service>`` databases that do not exist yet; returns those created."""
+async def ensure_databases(postgres_url: str, prefix: str = "ordermesh") -> list[str]:
+    """Create ``<prefix>_<service>`` databases that do not exist yet; returns those created."""
     conn = await asyncpg.connect(f"{postgres_url.rstrip('/')}/postgres", timeout=5)
     try:
         existing = {r["datname"] for r in await conn.fetch("SELECT datname FROM pg_database")}
         created = []
         for service in SERVICES:
-            name = f"ordermesh_{service}"
+            name = f"{prefix}_{service}"
             if name not in existing:
                 await conn.execute(f'CREATE DATABASE "{name}"')
                 created.append(name)
@@ -256,7 +267,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"ports already in use: {', '.join(busy)}; stop whatever listens there first")
         return 1
     stack = _new_stack(args, run_dir)
-    created = asyncio.run(_prepare_databases(stack.postgres_url))
+    created = asyncio.run(_prepare_databases(stack.postgres_url, stack.db_prefix))
     if created is None:
         return 1
     for program, (_service, port) in plan.items():
@@ -270,9 +281,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     return _report(stack, states)
 
 
-async def _prepare_databases(postgres_url: str) -> list[str] | None:
+async def _prepare_databases(postgres_url: str, prefix: str) -> list[str] | None:
     try:
-        created = await ensure_databases(postgres_url)
+        created = await ensure_databases(postgres_url, prefix)
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"cannot reach PostgreSQL at {postgres_url}: {exc}")
         print("start it (see README: make deps) or pass --postgres-url")
@@ -299,6 +310,7 @@ def _new_stack(args: argparse.Namespace, run_dir: Path) -> Stack:
         etcd_url=etcd_url,
         private_etcd=private,
         etcd_peer_port=peer,
+        db_prefix=args.db_prefix,
     )
 
 
@@ -372,6 +384,12 @@ def cmd_restart(args: argparse.Namespace) -> int:
     return 0 if "ERROR" not in result.stdout else 1
 
 
+def _identifier(value: str) -> str:
+    if not value.replace("_", "").isalnum() or not value[0].isalpha():
+        raise argparse.ArgumentTypeError(f"{value!r}: letters, digits and _ only")
+    return value.lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ordermesh-local`` command line."""
     parser = argparse.ArgumentParser(
@@ -389,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rabbitmq-url",
         default=os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
         help="AMQP URL (env RABBITMQ_URL)",
+    )
+    up.add_argument(
+        "--db-prefix",
+        default="ordermesh",
+        type=_identifier,
+        help="databases are <prefix>_<service> (default ordermesh)",
     )
     up.add_argument(
         "--etcd-url",
