@@ -116,7 +116,7 @@ async def test_shortage_reserves_nothing(inventory: httpx.AsyncClient) -> None:
 
 async def test_fifty_racing_reservations_for_ten_units(inventory: httpx.AsyncClient) -> None:
     async with context_of(inventory).db.pool.acquire() as conn:
-        await conn.execute("UPDATE products SET available = 10 WHERE sku = 'MN-303'")
+        await conn.execute("UPDATE products SET available = 10, stocked = 10 WHERE sku = 'MN-303'")
 
     async def reserve() -> int:
         body = {"order_id": str(uuid.uuid4()), "items": [{"sku": "MN-303", "quantity": 1}]}

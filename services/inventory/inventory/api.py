@@ -33,6 +33,7 @@ class Product(BaseModel):
     available: int = Field(description="Units that can be reserved now.")
     reserved: int = Field(description="Units held for pending orders.")
     committed: int = Field(description="Units sold to completed orders.")
+    stocked: int = Field(description="Units ever stocked: available + reserved + committed.")
 
 
 @router.get("/products", tags=["products"], summary="List every product with its stock.")

@@ -8,7 +8,7 @@ from decimal import Decimal
 import asyncpg
 from ordermesh_shared.database import DbConn
 
-_PRODUCT_COLUMNS = "sku, name, price, available, reserved, committed"
+_PRODUCT_COLUMNS = "sku, name, price, available, reserved, committed, stocked"
 
 
 async def list_products(conn: DbConn) -> list[asyncpg.Record]:

@@ -6,7 +6,10 @@ CREATE TABLE products (
     price      numeric(12, 2) NOT NULL CHECK (price >= 0),
     available  integer NOT NULL CHECK (available >= 0),
     reserved   integer NOT NULL DEFAULT 0 CHECK (reserved >= 0),
-    committed  integer NOT NULL DEFAULT 0 CHECK (committed >= 0)
+    committed  integer NOT NULL DEFAULT 0 CHECK (committed >= 0),
+    -- Units ever stocked: the database itself refuses any write that loses or makes a unit.
+    stocked    integer NOT NULL,
+    CONSTRAINT stock_conserved CHECK (available + reserved + committed = stocked)
 );
 
 CREATE TABLE reservations (

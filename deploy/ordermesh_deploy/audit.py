@@ -1,0 +1,238 @@
+"""The invariant auditor: do the books balance after whatever was done to the platform?
+
+Waits (bounded) until no order is pending and no outbox row waits, then checks the
+failure semantics the platform promises, reading each service's own database (the read APIs
+show one record at a time; the invariants are about all of them together). Prints a table
+invariant -> ok / VIOLATED with counts and examples; exits non-zero on any violation.
+
+    ordermesh-audit                     # the local stack in .run/
+    ordermesh-audit --timeout 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from ordermesh_deploy.local import SERVICES, Stack
+
+TERMINAL = ("completed", "cancelled", "compensation_failed")
+
+
+@dataclass
+class Finding:
+    """One invariant's verdict."""
+
+    invariant: str
+    violations: int = 0
+    examples: list[str] = field(default_factory=list)
+    checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing broke the invariant."""
+        return self.violations == 0
+
+
+Connections = dict[str, asyncpg.Connection]
+
+
+def _finding(name: str, bad: list[str], checked: int) -> Finding:
+    return Finding(name, len(bad), bad[:3], checked)
+
+
+async def orders_terminal(db: Connections) -> Finding:
+    """Every accepted order reached a terminal state."""
+    rows = await db["order"].fetch("SELECT id, status FROM orders")
+    bad = [f"{r['id']} {r['status']}" for r in rows if r["status"] not in TERMINAL]
+    return _finding("every order terminal", bad, len(rows))
+
+
+async def stock_conserved(db: Connections) -> Finding:
+    """available + reserved + committed = stocked, and the buckets match the reservations."""
+    rows = await db["inventory"].fetch(
+        """SELECT p.sku, p.available, p.reserved, p.committed, p.stocked,
+                  COALESCE(SUM(i.quantity) FILTER (WHERE r.status = 'reserved'), 0) AS held,
+                  COALESCE(SUM(i.quantity) FILTER (WHERE r.status = 'committed'), 0) AS sold
+           FROM products p
+           LEFT JOIN reservation_items i ON i.sku = p.sku
+           LEFT JOIN reservations r ON r.id = i.reservation_id
+           GROUP BY p.sku ORDER BY p.sku"""
+    )
+    bad = [
+        f"{r['sku']}: {r['available']}+{r['reserved']}+{r['committed']} vs {r['stocked']},"
+        f" held {r['held']}, sold {r['sold']}"
+        for r in rows
+        if r["available"] + r["reserved"] + r["committed"] != r["stocked"]
+        or r["reserved"] != r["held"]
+        or r["committed"] != r["sold"]
+        or r["available"] < 0
+    ]
+    return _finding("stock conserved", bad, len(rows))
+
+
+async def _by_order(db: Connections, service: str, sql: str) -> dict[str, asyncpg.Record]:
+    return {str(r["order_id"]): r for r in await db[service].fetch(sql)}
+
+
+async def _orders(db: Connections) -> dict[str, asyncpg.Record]:
+    rows = await db["order"].fetch("SELECT id, status, total FROM orders")
+    return {str(r["id"]): r for r in rows}
+
+
+async def one_net_charge(db: Connections) -> Finding:
+    """A completed order is charged its total once; any other order holds no charge."""
+    orders = await _orders(db)
+    payments = await _by_order(db, "payment", "SELECT order_id, status, amount FROM payments")
+    bad = []
+    for order_id, order in orders.items():
+        payment = payments.get(order_id)
+        charged = (
+            payment["amount"] if payment is not None and payment["status"] == "charged" else None
+        )
+        if order["status"] == "completed" and charged != order["total"]:
+            bad.append(f"{order_id} completed, payment {_state(payment)}")
+        elif order["status"] == "cancelled" and charged is not None:
+            bad.append(f"{order_id} cancelled but still charged")
+    bad += [f"payment for unknown order {oid}" for oid in payments.keys() - orders.keys()]
+    return _finding("at most one net charge, refunded when cancelled", bad, len(orders))
+
+
+async def one_shipment(db: Connections) -> Finding:
+    """Exactly one live shipment per completed order, none for the others."""
+    orders = await _orders(db)
+    shipments = await _by_order(db, "shipping", "SELECT order_id, status FROM shipments")
+    bad = []
+    for order_id, order in orders.items():
+        live = shipments.get(order_id) is not None and shipments[order_id]["status"] == "created"
+        if (order["status"] == "completed") != live and order["status"] in (
+            "completed",
+            "cancelled",
+        ):
+            bad.append(f"{order_id} {order['status']}, shipment {_state(shipments.get(order_id))}")
+    return _finding("exactly one shipment per completed order", bad, len(orders))
+
+
+async def reservations_settled(db: Connections) -> Finding:
+    """Completed orders' stock is committed; cancelled orders hold none."""
+    orders = await _orders(db)
+    reservations = await _by_order(db, "inventory", "SELECT order_id, status FROM reservations")
+    bad = []
+    for order_id, order in orders.items():
+        state = reservations[order_id]["status"] if order_id in reservations else None
+        if order["status"] == "completed" and state != "committed":
+            bad.append(f"{order_id} completed, reservation {state}")
+        elif order["status"] == "cancelled" and state not in (None, "released"):
+            bad.append(f"{order_id} cancelled, reservation {state}")
+    return _finding("reservations settled with their orders", bad, len(orders))
+
+
+async def outbox_drained(db: Connections) -> Finding:
+    """Every committed event was published; none is quarantined."""
+    bad, checked = [], 0
+    for service, conn in db.items():
+        row = await conn.fetchrow(
+            "SELECT count(*) AS total,"
+            " count(*) FILTER (WHERE published_at IS NULL AND quarantined_at IS NULL) AS waiting,"
+            " count(*) FILTER (WHERE quarantined_at IS NOT NULL) AS quarantined FROM outbox"
+        )
+        assert row is not None  # an aggregate always returns a row
+        checked += row["total"]
+        if row["waiting"] or row["quarantined"]:
+            bad.append(f"{service}: {row['waiting']} unpublished, {row['quarantined']} quarantined")
+    return _finding("outbox drained (published, none quarantined)", bad, checked)
+
+
+def _state(record: asyncpg.Record | None) -> str:
+    return "none" if record is None else str(record["status"])
+
+
+CHECKS: tuple[Callable[[Connections], Awaitable[Finding]], ...] = (
+    orders_terminal,
+    stock_conserved,
+    one_net_charge,
+    one_shipment,
+    reservations_settled,
+    outbox_drained,
+)
+
+
+async def quiescent(db: Connections) -> bool:
+    """No order pending and no outbox row waiting anywhere."""
+    pending = await db["order"].fetchval(
+        "SELECT count(*) FROM orders WHERE status NOT IN ('completed', 'cancelled',"
+        " 'compensation_failed')"
+    )
+    waiting = 0
+    for conn in db.values():
+        waiting += await conn.fetchval(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND quarantined_at IS NULL"
+        )
+    return pending == 0 and waiting == 0
+
+
+async def wait_quiescent(db: Connections, within: float) -> float:
+    """Poll until quiescent or ``within`` seconds passed; returns the seconds waited."""
+    started = time.monotonic()
+    # Polling on purpose: quiescence is a state of other processes' databases.
+    while time.monotonic() - started < within and not await quiescent(db):  # noqa: ASYNC110
+        await asyncio.sleep(0.25)
+    return time.monotonic() - started
+
+
+async def audit(database_urls: dict[str, str], *, within: float = 30.0) -> list[Finding]:
+    """Wait for quiescence (bounded), then run every check."""
+    db = {s: await asyncpg.connect(url, timeout=5) for s, url in database_urls.items()}
+    try:
+        await wait_quiescent(db, within)
+        return [await check(db) for check in CHECKS]
+    finally:
+        for conn in db.values():
+            await conn.close()
+
+
+def render(findings: list[Finding]) -> str:
+    """The verdict table."""
+    width = max(len(f.invariant) for f in findings)
+    lines = [f"{'invariant'.ljust(width)}  verdict   checked  violations  examples"]
+    for f in findings:
+        verdict = "ok" if f.ok else "VIOLATED"
+        examples = "; ".join(f.examples)
+        counts = f"{f.checked:>7}  {f.violations:>10}"
+        lines.append(f"{f.invariant.ljust(width)}  {verdict:<8}  {counts}  {examples}")
+    return "\n".join(lines)
+
+
+def stack_databases(stack: Stack) -> dict[str, str]:
+    """Each service's DSN in a local stack."""
+    return {s: f"{stack.postgres_url.rstrip('/')}/{stack.db_prefix}_{s}" for s in SERVICES}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``ordermesh-audit``."""
+    parser = argparse.ArgumentParser(
+        prog="ordermesh-audit",
+        description="Check the platform's invariants after the dust settles.",
+    )
+    parser.add_argument(
+        "--run-dir", default=".run", help="the local stack's run dir (default .run)"
+    )
+    parser.add_argument("--timeout", type=float, default=30, help="seconds to wait for quiescence")
+    args = parser.parse_args(argv)
+    stack = Stack.load(Path(args.run_dir))
+    if stack is None:
+        raise SystemExit(f"no local stack in {args.run_dir}: start one with `make dev`")
+    findings = asyncio.run(audit(stack_databases(stack), within=args.timeout))
+    print(render(findings))
+    sys.exit(0 if all(f.ok for f in findings) else 1)
+
+
+if __name__ == "__main__":
+    main()
