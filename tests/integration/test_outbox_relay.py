@@ -135,18 +135,22 @@ async def consuming(
 async def test_rolled_back_transaction_emits_nothing(db: Database, broker: Broker) -> None:
     async with consuming(db, broker), background(relay_for(db, broker).run(SoleLeader())):
         with pytest.raises(RuntimeError, match="business rule"):
-            async with db.pool.acquire() as conn, conn.transaction():
-                await add_event(
-                    conn, aggregate_type="thing", aggregate_id="t1", event_type="updated",
-                    payload={"version": 0},
-                )  # fmt: skip
-                raise RuntimeError("business rule broken: roll back")
+            await add_then_fail(db)
         committed = await commit_event(db, "t2")
         await eventually(lambda: _has_effects(db, 1))
         await asyncio.sleep(0.5)  # time enough for a wrongly published event to arrive too
     assert [r["event_id"] for r in await effects(db)] == [str(committed)]
     async with db.pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
+
+
+async def add_then_fail(db: Database) -> None:
+    """A business transaction that records an event, then breaks a rule and rolls back."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        await add_event(
+            conn, aggregate_type="thing", aggregate_id="t1", event_type="updated", payload={}
+        )
+        raise RuntimeError("business rule broken: roll back")
 
 
 async def test_add_event_outside_a_transaction_is_refused(db: Database) -> None:

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter
 from ordermesh_shared.broker import BrokerUnavailable
 from ordermesh_shared.database import Database, DbConn
 from ordermesh_shared.messaging.envelope import BadEnvelope, Event, decode_event
-from ordermesh_shared.messaging.failures import ConnectionSource, is_transient
+from ordermesh_shared.messaging.failures import ConnectionSource, is_transient, open_connection
 from ordermesh_shared.messaging.topology import (
     DEFAULT_MAX_DELIVERIES,
     Topology,
@@ -137,7 +137,10 @@ class EventConsumer:
 
     async def _subscribe(self) -> AbstractChannel:
         sub = self.subscription
-        channel = await self._broker.connection.channel()
+        try:
+            channel = await open_connection(self._broker).channel()
+        except RuntimeError as exc:  # the robust connection dropped after the check
+            raise BrokerUnavailable(str(exc)) from exc
         try:
             await channel.set_qos(prefetch_count=sub.prefetch)
             queue = await declare_consumer_queue(

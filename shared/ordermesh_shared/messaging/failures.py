@@ -13,7 +13,15 @@ from aio_pika.abc import AbstractConnection
 from ordermesh_shared.broker import BrokerUnavailable
 from ordermesh_shared.database import DatabaseNotReady
 
-_TRANSIENT = (DatabaseNotReady, OSError, TimeoutError, asyncpg.InterfaceError, BrokerUnavailable)
+_TRANSIENT = (
+    DatabaseNotReady,
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    # A pooled connection cut mid-operation can surface as a state error instead.
+    asyncpg.InternalClientError,
+    BrokerUnavailable,
+)
 # SQLSTATE classes: connection exception, insufficient resources, operator intervention
 # (e.g. 57P01 "terminating connection due to administrator command" on a restart).
 _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
@@ -24,6 +32,14 @@ class ConnectionSource(Protocol):
 
     @property
     def connection(self) -> AbstractConnection: ...
+
+
+def open_connection(source: ConnectionSource) -> AbstractConnection:
+    """The connection if it is open now; :class:`BrokerUnavailable` while it is (re)connecting."""
+    connection = source.connection
+    if not connection.connected.is_set():
+        raise BrokerUnavailable("the broker connection is reconnecting")
+    return connection
 
 
 def is_transient(exc: BaseException) -> bool:

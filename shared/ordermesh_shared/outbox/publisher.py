@@ -32,7 +32,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from ordermesh_shared.broker import BrokerUnavailable
 from ordermesh_shared.messaging.envelope import OutgoingEvent, encode_event
-from ordermesh_shared.messaging.failures import ConnectionSource
+from ordermesh_shared.messaging.failures import ConnectionSource, open_connection
 from ordermesh_shared.messaging.topology import Topology, declare_events_exchange
 
 log = structlog.get_logger(__name__)
@@ -138,16 +138,17 @@ class EventPublisher:
             if not self._channel.is_closed:
                 return
             await self.close()  # e.g. closed by the broker after a channel error
-        connection = self._source.connection  # raises BrokerUnavailable
+        connection = open_connection(self._source)
         try:
             async with asyncio.timeout(self._timeout):
                 # on_return_raises: an unroutable message fails instead of being "confirmed".
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 self._channel = channel
                 self._exchange = await declare_events_exchange(channel, self._topology)
-        except TimeoutError as exc:
+        except (TimeoutError, RuntimeError, ConnectionError) as exc:
+            # RuntimeError: the robust connection dropped between the check and the call.
             await self.close()
-            raise BrokerUnavailable(f"opening a channel timed out after {self._timeout}s") from exc
+            raise BrokerUnavailable(f"cannot open a publisher channel: {describe(exc)}") from exc
 
     async def publish(self, events: Sequence[OutgoingEvent]) -> BatchOutcome:
         """Publish ``events`` (in id order); see :func:`publish_in_order`."""

@@ -190,6 +190,12 @@ class OutboxRelay:
         self._observe(report, time.perf_counter() - started)
         return report
 
+    async def claim_fence(self, token: int) -> None:
+        """Record our token at once, so a stale leader's next marks fail even if we have
+        nothing to publish yet."""
+        async with self._db.pool.acquire() as conn, conn.transaction():
+            await self._fence(conn, token)
+
     async def _record(self, conn: DbConn, outcome: BatchOutcome) -> list[int]:
         await mark_published(conn, [e.sequence for e in outcome.confirmed])
         failures = [Failure(e.sequence, describe(exc)) for e, exc in outcome.failed]
@@ -239,9 +245,13 @@ class OutboxRelay:
 
     async def _relay_until_lost(self, term: LeaderTerm, wakeup: asyncio.Event) -> None:
         trouble = 0
+        fenced_in = False
         while not term.lost.is_set():
             wakeup.clear()  # before the batch: a NOTIFY arriving during it is kept
             try:
+                if not fenced_in:
+                    await self.claim_fence(term.token)
+                    fenced_in = True
                 report = await self.relay_batch(term.token)
                 await self._maybe_prune()
             except FencedOut as exc:
