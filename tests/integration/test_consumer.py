@@ -1,0 +1,196 @@
+"""The shared consumer against real RabbitMQ (private vhost) and Postgres: applied once through
+the inbox, poison and unreadable messages dead-lettered (never acked and dropped)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from ordermesh_shared.broker import Broker
+from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
+from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
+from ordermesh_shared.messaging.envelope import Event, OutgoingEvent, encode_event
+from ordermesh_shared.messaging.topology import (
+    Topology,
+    declare_consumer_queue,
+    declare_dead_letters,
+    declare_events_exchange,
+)
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "shop.effects"
+
+
+class PoisonPayload(Exception):
+    """The handler's business logic cannot apply this event, however often it tries."""
+
+
+async def apply_effect(conn: DbConn, event: Event) -> None:
+    if event.data.get("poison"):
+        raise PoisonPayload(f"cannot apply {event.id}")
+    await conn.execute("INSERT INTO effects (event_id) VALUES ($1)", event.id)
+
+
+@pytest.fixture
+async def db(fresh_database: str) -> AsyncIterator[Database]:
+    async with Database(fresh_database) as database:
+        await database.migrate(SHARED_MIGRATIONS)
+        async with database.pool.acquire() as conn:
+            await conn.execute("CREATE TABLE effects (n bigserial PRIMARY KEY, event_id text)")
+        yield database
+
+
+@pytest.fixture
+async def broker(rabbit_vhost: str) -> AsyncIterator[Broker]:
+    async with Broker(rabbit_vhost, name="test") as connected:
+        async with asyncio.timeout(10):
+            await connected.connected.wait()
+        yield connected
+
+
+@pytest.fixture
+async def channel(broker: Broker) -> AsyncIterator[AbstractChannel]:
+    opened = await broker.connection.channel()
+    yield opened
+    await opened.close()
+
+
+@asynccontextmanager
+async def consuming(db: Database, broker: Broker) -> AsyncIterator[EventConsumer]:
+    subscription = Subscription(QUEUE, ["shop.*"], apply_effect, max_deliveries=3, retry_delay=0.02)
+    consumer = EventConsumer(db, broker, subscription)
+    task = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(10):
+            await consumer.subscribed.wait()
+        yield consumer
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def outgoing(payload: dict[str, Any], *, aggregate: str = "t1", sequence: int = 1) -> OutgoingEvent:
+    return OutgoingEvent(
+        id=uuid.uuid4(),
+        sequence=sequence,
+        aggregate_type="thing",
+        aggregate_id=aggregate,
+        event_type="updated",
+        payload=payload,
+        created_at=datetime.now(UTC),
+    )
+
+
+async def publish(channel: AbstractChannel, message: aio_pika.Message) -> None:
+    exchange = await declare_events_exchange(channel, Topology())
+    await exchange.publish(message, "shop.updated")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+async def dead_letters(channel: AbstractChannel, count: int) -> list[AbstractIncomingMessage]:
+    """Wait for ``count`` messages in the dead-letter queue and take them."""
+    queue = await declare_dead_letters(channel, Topology())
+    taken: list[AbstractIncomingMessage] = []
+    async with asyncio.timeout(10):
+        while len(taken) < count:
+            message = await queue.get(fail=False, no_ack=True)
+            if message is None:
+                await asyncio.sleep(0.05)
+            else:
+                taken.append(message)
+    return taken
+
+
+async def effects(db: Database) -> list[str]:
+    async with db.pool.acquire() as conn:
+        return [r["event_id"] for r in await conn.fetch("SELECT event_id FROM effects ORDER BY n")]
+
+
+async def test_redelivered_event_is_applied_once(
+    db: Database, broker: Broker, channel: AbstractChannel
+) -> None:
+    event = outgoing({"n": 1})
+    async with consuming(db, broker) as consumer:
+        await publish(channel, encode_event(event, service="shop"))
+        await publish(channel, encode_event(event, service="shop"))  # e.g. a relay crash
+        await eventually(lambda: _settled(consumer, 2))
+    assert await effects(db) == [str(event.id)]
+    assert consumer.counts == {"applied": 1, "duplicate": 1}
+    async with db.pool.acquire() as conn:
+        inbox = await conn.fetch("SELECT consumer, message_id, event_type FROM inbox")
+    assert [tuple(r) for r in inbox] == [(QUEUE, str(event.id), "ordermesh.shop.updated")]
+
+
+async def _settled(consumer: EventConsumer, count: int) -> bool:
+    return (
+        sum(consumer.counts.get(k, 0) for k in ("applied", "duplicate", "dead_lettered")) >= count
+    )
+
+
+async def test_poison_message_lands_in_the_dead_letter_queue(
+    db: Database, broker: Broker, channel: AbstractChannel
+) -> None:
+    poison = outgoing({"poison": True}, aggregate="bad")
+    fine = [outgoing({"n": i}, aggregate=f"t{i}") for i in range(5)]
+    async with consuming(db, broker) as consumer:
+        await publish(channel, encode_event(poison, service="shop"))
+        for event in fine:
+            await publish(channel, encode_event(event, service="shop"))
+        (dead,) = await dead_letters(channel, 1)
+        await eventually(lambda: _settled(consumer, 6))
+    assert dead.message_id == str(poison.id)
+    assert dead.headers["x-first-death-queue"] == QUEUE
+    assert dead.headers["x-first-death-reason"] == "rejected"
+    assert sorted(await effects(db)) == sorted(str(e.id) for e in fine)
+    assert consumer.counts == {"applied": 5, "retried": 2, "dead_lettered": 1}
+    async with db.pool.acquire() as conn:  # rolled back with the failed handler
+        assert (
+            await conn.fetchval("SELECT count(*) FROM inbox WHERE message_id = $1", dead.message_id)
+            == 0
+        )
+
+
+async def test_unreadable_message_is_dead_lettered_at_once(
+    db: Database, broker: Broker, channel: AbstractChannel
+) -> None:
+    async with consuming(db, broker) as consumer:
+        await publish(channel, aio_pika.Message(b"not a cloudevent", message_id="junk-1"))
+        (dead,) = await dead_letters(channel, 1)
+    assert dead.message_id == "junk-1"
+    assert dead.body == b"not a cloudevent"
+    assert consumer.counts == {"dead_lettered": 1}
+
+
+async def test_queue_dead_letters_a_message_returned_too_often(channel: AbstractChannel) -> None:
+    # The backstop for a consumer that crashes on a message before it can reject it: the
+    # quorum queue counts the returns itself.
+    queue = await declare_consumer_queue(
+        channel, Topology(), "crashy", ["shop.*"], max_deliveries=2
+    )
+    await publish(channel, encode_event(outgoing({"n": 1}), service="shop"))
+    for _ in range(3):  # the first delivery and two returns are allowed
+        message = await _get(queue)
+        await message.nack(requeue=True)
+    (dead,) = await dead_letters(channel, 1)
+    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    assert await queue.get(fail=False) is None
+
+
+async def _get(queue: AbstractQueue) -> AbstractIncomingMessage:
+    async with asyncio.timeout(5):
+        while (message := await queue.get(fail=False)) is None:
+            await asyncio.sleep(0.02)
+    return message
