@@ -19,8 +19,8 @@ import asyncio
 import random
 import time
 import uuid
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
