@@ -22,11 +22,11 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aio_pika import DeliveryMode, Message
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import HeadersType
 from cloudevents.core.bindings import rabbitmq as ce_rabbitmq
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
@@ -35,6 +35,20 @@ from cloudevents.core.v1.event import CloudEvent
 _FORMAT = JSONFormat()
 _CONTENT_TYPE = "application/json"
 _OWN_EXTENSIONS = ("aggregatetype", "aggregateid", "sequence")
+_REQUIRED_HEADERS = ("ce-id", "ce-source", "ce-type", "ce-specversion")
+
+
+class ReceivedMessage(Protocol):
+    """What decoding reads of an incoming AMQP message (aio-pika's satisfies it)."""
+
+    @property
+    def headers(self) -> HeadersType: ...
+
+    @property
+    def content_type(self) -> str | None: ...
+
+    @property
+    def body(self) -> bytes: ...
 
 
 class BadEnvelope(Exception):
@@ -112,13 +126,18 @@ def encode_event(event: OutgoingEvent, *, service: str) -> Message:
     )
 
 
-def decode_event(message: AbstractIncomingMessage) -> Event:
+def decode_event(message: ReceivedMessage) -> Event:
     """The event in ``message``; raises :class:`BadEnvelope` when it is not one of ours."""
     headers = {
-        k: _header_text(v)
+        k.lower(): _header_text(v)
         for k, v in (message.headers or {}).items()
         if k.lower().startswith(ce_rabbitmq.CE_PREFIX)
     }
+    # The SDK would invent a random id (and time) for a message without one, and an invented
+    # id defeats the inbox: refuse such messages instead.
+    missing = [name for name in _REQUIRED_HEADERS if name not in headers]
+    if missing:
+        raise BadEnvelope(f"not a CloudEvent: no {', '.join(missing)} header")
     # The body is parsed once, below, with orjson; the binding only reads the attributes.
     wire = ce_rabbitmq.RabbitMQMessage(headers=headers, content_type=message.content_type, body=b"")
     try:
