@@ -32,6 +32,7 @@ from ordermesh_shared.faults import FaultInjectionMiddleware, Faults, fault_rout
 from ordermesh_shared.health import Health, health_router
 from ordermesh_shared.logging import configure_logging
 from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
+from ordermesh_shared.outbox.wiring import install_outbox
 from ordermesh_shared.resilience import (
     DeadlineMiddleware,
     ServiceClient,
@@ -145,6 +146,7 @@ def _lifespan(
                 prepare_database(ctx.db, spec.migrations, extra=spec.extra_migrations),
                 name="migrate",
             )
+            install_outbox(app, ctx)  # lag monitor, quarantine admin, relay (waits for migrations)
             if spec.setup is not None:
                 await stack.enter_async_context(spec.setup(ctx))
             ctx.tasks.start(keep_registered(ctx), name="presence")
