@@ -24,9 +24,11 @@ async def test_inventory_migrates_seeds_and_serves_products(fresh_database: str)
     settings = InventorySettings(database_url=fresh_database, port=18001)
     async with running(INVENTORY, settings, registry) as client:
         body = await wait_ready(client)
-        assert body == {
-            "status": "ok",
-            "checks": {"database": "ok", "rabbitmq": "ok", "registry": "ok"},
+        assert body["status"] == "ok"
+        assert {k: body["checks"][k] for k in ("database", "rabbitmq", "registry")} == {
+            "database": "ok",
+            "rabbitmq": "ok",
+            "registry": "ok",
         }
         products = (await client.get("/products")).json()
         assert {p["sku"] for p in products} >= {"KB-101", "HP-505", "LS-606"}
