@@ -2,7 +2,7 @@
 UV ?= uv
 RUN = $(UV) run
 
-.PHONY: help install deps dev down status up logs test lint fmt demo-election demo-lock demo-breaker events
+.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -27,6 +27,22 @@ up:  ## run the platform with docker compose
 
 logs:  ## follow the docker compose logs (local stack: .run/logs/)
 	docker compose logs -f
+
+RATE ?= 20
+DURATION ?= 30
+SCENARIO ?= kill-payment
+
+load:  ## open-loop orders against the local stack: make load RATE=50 DURATION=60
+	$(RUN) ordermesh-load --rate $(RATE) --duration $(DURATION)
+
+audit:  ## check the invariants of the local stack (exit 1 on a violation)
+	$(RUN) ordermesh-audit
+
+chaos:  ## one chaos scenario on the local stack: make chaos SCENARIO=kill-order
+	$(RUN) ordermesh-chaos scenario $(SCENARIO)
+
+chaos-all:  ## every chaos scenario on the local stack, each with its audit
+	$(RUN) ordermesh-chaos scenario all
 
 test:  ## run the test suite (unit, integration; compose tests skip without Docker)
 	$(RUN) pytest
