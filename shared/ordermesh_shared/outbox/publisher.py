@@ -1,17 +1,17 @@
 """Publishing a claimed batch: pipelined publisher confirms, per-aggregate order, outage vs poison.
 
-A batch is sent in *waves*: wave k holds the k-th event of every aggregate in the batch. The
-events of one wave go out pipelined (all in flight at once, each awaiting its own confirm under
-a timeout); the next wave starts once the previous one is settled. So when an event fails, its
-aggregate's later events have not been sent yet, and they are *held* (left unpublished, without
-counting an attempt) instead of overtaking it. Most batches hold one event per aggregate and
-are a single wave.
+The batch is split into one *chain* per aggregate (its events in id order). All chains run at
+once, so the broker sees many publishes in flight, each awaiting its own confirm under a
+timeout; within a chain an event is sent only after the previous one was confirmed. So when
+an event fails, its aggregate's later events have not been sent, and they are *held* (left
+unpublished, without counting an attempt) instead of overtaking it. Events of different
+aggregates never wait for each other; most batches hold one or two events per aggregate.
 
 Failures come in two kinds:
 
 * the broker is unavailable (connection lost, channel closed, confirm timed out, publishing
-  blocked by an alarm): not the event's fault, so no attempt is counted; the rest is held and
-  the relay waits for the broker.
+  blocked by an alarm): not the event's fault, so no attempt is counted; every chain stops,
+  the rest is held and the relay waits for the broker.
 * the event itself failed (returned as unroutable under ``mandatory``, nacked, unencodable):
   an attempt is counted, and after too many the relay quarantines the row.
 
@@ -69,40 +69,42 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def plan_waves(events: Sequence[OutgoingEvent]) -> list[list[OutgoingEvent]]:
-    """Split a batch (in id order) so that wave k holds each aggregate's k-th event."""
-    waves: list[list[OutgoingEvent]] = []
-    seen: dict[tuple[str, str], int] = defaultdict(int)
+def chains(events: Sequence[OutgoingEvent]) -> list[list[OutgoingEvent]]:
+    """Group a batch (in id order) by aggregate, keeping id order within each group."""
+    grouped: dict[tuple[str, str], list[OutgoingEvent]] = defaultdict(list)
     for event in events:
-        key = (event.aggregate_type, event.aggregate_id)
-        index = seen[key]
-        seen[key] += 1
-        if index == len(waves):
-            waves.append([])
-        waves[index].append(event)
-    return waves
+        grouped[_key(event)].append(event)
+    return list(grouped.values())
 
 
 async def publish_in_order(events: Sequence[OutgoingEvent], publish: PublishOne) -> BatchOutcome:
-    """Publish wave by wave; a failed event holds back the rest of its aggregate."""
+    """Publish every aggregate's chain concurrently; a failure holds back the rest of its chain."""
     outcome = BatchOutcome()
-    blocked: set[tuple[str, str]] = set()
-    for wave in plan_waves(events):
-        ready = [e for e in wave if _key(e) not in blocked and outcome.outage is None]
-        outcome.held.extend(e for e in wave if _key(e) in blocked or outcome.outage is not None)
-        results = await asyncio.gather(*(publish(e) for e in ready), return_exceptions=True)
-        for event, result in zip(ready, results, strict=True):
-            if result is None:
-                outcome.confirmed.append(event)
-                continue
-            blocked.add(_key(event))
-            _record_failure(outcome, event, result)
+    await asyncio.gather(*(_publish_chain(chain, publish, outcome) for chain in chains(events)))
+    # Gathered in completion order: give callers (and logs) the batch's id order back.
+    for settled in (outcome.confirmed, outcome.held):
+        settled.sort(key=lambda e: e.sequence)
+    outcome.failed.sort(key=lambda pair: pair[0].sequence)
     return outcome
 
 
-def _record_failure(outcome: BatchOutcome, event: OutgoingEvent, exc: BaseException) -> None:
-    if not isinstance(exc, Exception):
-        raise exc  # cancellation and the like are not publish results
+async def _publish_chain(
+    chain: list[OutgoingEvent], publish: PublishOne, outcome: BatchOutcome
+) -> None:
+    for index, event in enumerate(chain):
+        if outcome.outage is not None:
+            outcome.held.extend(chain[index:])
+            return
+        try:
+            await publish(event)
+        except Exception as exc:
+            _record_failure(outcome, event, exc)
+            outcome.held.extend(chain[index + 1 :])
+            return
+        outcome.confirmed.append(event)
+
+
+def _record_failure(outcome: BatchOutcome, event: OutgoingEvent, exc: Exception) -> None:
     if is_outage(exc):
         outcome.outage = outcome.outage or exc
         outcome.held.append(event)
