@@ -1,0 +1,121 @@
+"""The order timeline: the events each order caused across the services, from the event stream.
+
+The order service consumes every event (``#``) into ``order_timeline`` through the shared
+consumer (inbox, ack after commit), so ``GET /orders/{id}/timeline`` shows, for example::
+
+    order.created -> inventory.stock_reserved -> payment.charged -> shipping.shipment_created
+    -> inventory.stock_committed -> order.completed
+
+Every service keys its events by the order id (as the aggregate id, or ``order_id`` in the
+payload); an event that names no order is acknowledged and skipped.
+
+>>> spec = ServiceSpec(..., routers=[router, timeline_router], setup=...)
+>>> start_timeline(ctx)        # in the order service's setup hook
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import APIRouter
+from ordermesh_shared.bootstrap import Ctx, ServiceContext
+from ordermesh_shared.database import DbConn
+from ordermesh_shared.errors import NotFound
+from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
+from ordermesh_shared.messaging.envelope import Event
+from pydantic import BaseModel, Field
+
+from order import store
+
+log = structlog.get_logger(__name__)
+
+TIMELINE_QUEUE = "order.timeline"
+
+timeline_router = APIRouter(tags=["orders"])
+
+
+class TimelineEntry(BaseModel):
+    """One event an order caused."""
+
+    event_id: str
+    service: str = Field(examples=["payment"])
+    event_type: str = Field(examples=["charged"])
+    routing_key: str = Field(examples=["payment.charged"])
+    occurred_at: datetime | None = Field(description="When the emitting transaction ran.")
+    received_at: datetime
+    data: dict[str, Any]
+
+
+def order_id_of(event: Event) -> uuid.UUID | None:
+    """The order an event belongs to, if it names one."""
+    for candidate in (event.data.get("order_id"), event.aggregate_id):
+        try:
+            return uuid.UUID(str(candidate))
+        except ValueError:
+            continue
+    return None
+
+
+async def record_timeline_event(conn: DbConn, event: Event) -> None:
+    """The consumer's handler: one timeline row per event, in the inbox's transaction."""
+    order_id = order_id_of(event)
+    if order_id is None:
+        log.debug("timeline.no_order", event_id=event.id, type=event.type)
+        return
+    await conn.execute(
+        "INSERT INTO order_timeline (event_id, order_id, service, event_type, aggregate_type,"
+        " sequence, occurred_at, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)"
+        " ON CONFLICT (event_id) DO NOTHING",
+        event.id,
+        order_id,
+        event.service,
+        event.event_type,
+        event.aggregate_type,
+        event.sequence,
+        event.time,
+        orjson.dumps(event.data).decode(),
+    )
+
+
+def timeline_subscription() -> Subscription:
+    """Every event of every service (the timeline wants them all)."""
+    return Subscription(TIMELINE_QUEUE, ["#"], record_timeline_event)
+
+
+def start_timeline(ctx: ServiceContext) -> None:
+    """Consume the stream into the timeline for the life of the service."""
+    consumer = EventConsumer(ctx.db, ctx.broker, timeline_subscription())
+    ctx.tasks.start(consumer.run(), name="order-timeline")
+
+
+@timeline_router.get(
+    "/orders/{order_id}/timeline", responses={404: {"description": "No such order."}}
+)
+async def get_timeline(order_id: uuid.UUID, ctx: Ctx) -> list[TimelineEntry]:
+    """The events this order caused across the services, oldest first."""
+    async with ctx.db.pool.acquire() as conn:
+        if await store.get_order(conn, order_id) is None:
+            raise NotFound(f"order {order_id} not found")
+        rows = await conn.fetch(
+            "SELECT event_id, service, event_type, occurred_at, received_at, data::text AS data"
+            " FROM order_timeline WHERE order_id = $1"
+            " ORDER BY occurred_at NULLS LAST, received_at, sequence",
+            order_id,
+        )
+    return [_entry(row) for row in rows]
+
+
+def _entry(row: Any) -> TimelineEntry:
+    return TimelineEntry(
+        event_id=row["event_id"],
+        service=row["service"],
+        event_type=row["event_type"],
+        routing_key=f"{row['service']}.{row['event_type']}",
+        occurred_at=row["occurred_at"],
+        received_at=row["received_at"],
+        data=orjson.loads(row["data"]),
+    )
