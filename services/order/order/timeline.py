@@ -27,6 +27,7 @@ from ordermesh_shared.database import DbConn
 from ordermesh_shared.errors import NotFound
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
 from ordermesh_shared.messaging.envelope import Event
+from ordermesh_shared.messaging.wiring import start_consumer
 from pydantic import BaseModel, Field
 
 from order import store
@@ -86,10 +87,9 @@ def timeline_subscription() -> Subscription:
     return Subscription(TIMELINE_QUEUE, ["#"], record_timeline_event)
 
 
-def start_timeline(ctx: ServiceContext) -> None:
+def start_timeline(ctx: ServiceContext) -> EventConsumer:
     """Consume the stream into the timeline for the life of the service."""
-    consumer = EventConsumer(ctx.db, ctx.broker, timeline_subscription())
-    ctx.tasks.start(consumer.run(), name="order-timeline")
+    return start_consumer(ctx, timeline_subscription())
 
 
 @timeline_router.get(

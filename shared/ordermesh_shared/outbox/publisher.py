@@ -158,8 +158,10 @@ class EventPublisher:
         return await publish_in_order(events, self._publish_one)
 
     async def close(self) -> None:
+        """Close the channel, even one closed by the broker: a robust channel left open in
+        our books would be restored (and leaked) at the next reconnect."""
         channel, self._channel, self._exchange = self._channel, None, None
-        if channel is not None and not channel.is_closed:
+        if channel is not None:
             try:
                 await channel.close()
             except Exception as exc:  # closing a dead channel: nothing left to release
