@@ -54,7 +54,10 @@ Handler = Callable[[DbConn, Event], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
-    """A consumer's queue, what it is bound to, and what applies each event."""
+    """A consumer's queue, what it is bound to, and what applies each event.
+
+    >>> Subscription("order.timeline", ["#"], record_timeline_event, max_deliveries=5)
+    """
 
     queue: str
     bindings: Sequence[str]

@@ -57,7 +57,11 @@ class BadEnvelope(Exception):
 
 @dataclass(frozen=True, slots=True)
 class OutgoingEvent:
-    """What the relay publishes: one outbox row."""
+    """What the relay publishes: one outbox row.
+
+    >>> event = OutgoingEvent(event_id, 17, "order", "o-1", "order_created", {}, created_at)
+    >>> encode_event(event, service="order")
+    """
 
     id: uuid.UUID
     sequence: int
@@ -71,7 +75,11 @@ class OutgoingEvent:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A received event, as handlers see it."""
+    """A received event, as handlers see it.
+
+    >>> async def handler(conn: DbConn, event: Event) -> None:
+    ...     print(event.routing_key, event.aggregate_id, event.sequence, event.data)
+    """
 
     id: str
     source: str

@@ -27,7 +27,11 @@ BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class OutboxMetrics:
-    """The outbox's Prometheus series, registered on one app's registry."""
+    """The outbox's Prometheus series, registered on one app's registry.
+
+    >>> metrics = OutboxMetrics(ctx.metrics.registry)
+    >>> relay = OutboxRelay(db, broker, service="order", metrics=metrics)
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.published = Counter(

@@ -103,7 +103,10 @@ async def no_fence(_conn: DbConn, _token: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
-    """Tuning; the defaults suit a service, tests shorten the times."""
+    """Tuning; the defaults suit a service, tests shorten the times.
+
+    >>> RelaySettings(batch_size=100, poll_interval=0.5, retry=Backoff(base=0.05, max_attempts=3))
+    """
 
     batch_size: int = 500
     publish_timeout: float = 5.0

@@ -47,7 +47,11 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """When a failed row is tried again: ``base * 2**(attempts-1)``, capped, with jitter."""
+    """When a failed row is tried again: ``base * 2**(attempts-1)``, capped, with jitter;
+    after ``max_attempts`` failures the row is quarantined instead.
+
+    >>> Backoff(base=0.5, cap=60.0, max_attempts=10)   # ~3 minutes before quarantine
+    """
 
     base: float = 0.5
     cap: float = 60.0
