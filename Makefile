@@ -2,7 +2,7 @@
 UV ?= uv
 RUN = $(UV) run
 
-.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all
+.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -43,6 +43,12 @@ chaos:  ## one chaos scenario on the local stack: make chaos SCENARIO=kill-order
 
 chaos-all:  ## every chaos scenario on the local stack, each with its audit
 	$(RUN) ordermesh-chaos scenario all
+
+demo-election:  ## three contenders on etcd; the leader is SIGKILLed; a new one takes over
+	$(RUN) python -m ordermesh_deploy.coordination_demo election
+
+demo-lock:  ## workers share a lock; a holder is SIGSTOPped past its TTL; its late write is fenced off
+	$(RUN) python -m ordermesh_deploy.coordination_demo lock
 
 test:  ## run the test suite (unit, integration; compose tests skip without Docker)
 	$(RUN) pytest

@@ -196,7 +196,12 @@ async def keep_registered(ctx: ServiceContext, *, interval: float = PRESENCE_INT
     registered = False
     try:
         while True:
-            ready = (await ctx.health.check()).ready
+            report = await ctx.health.check()
+            # A registry outage says nothing about this instance: withdrawing would only
+            # empty every caller's cache the moment the registry came back.
+            ready = all(
+                state == "ok" for name, state in report.checks.items() if name != "registry"
+            )
             registered = await _sync_presence(ctx, ready=ready, registered=registered)
             await asyncio.sleep(interval)
     finally:
