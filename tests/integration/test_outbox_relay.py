@@ -257,3 +257,23 @@ async def test_concurrent_aggregates_arrive_in_commit_order(db: Database, broker
     for thing, versions in seen.items():
         assert versions == list(range(1, len(versions) + 1)), f"{thing} out of order: {versions}"
     assert sum(len(v) for v in seen.values()) == 400
+
+
+async def test_event_committed_without_notify_is_found_by_the_poll(
+    db: Database, broker: Broker
+) -> None:
+    async with consuming(db, broker), background(relay_for(db, broker).run(SoleLeader())):
+        await asyncio.sleep(0.2)  # the relay is idle, waiting for a NOTIFY or its poll
+        async with db.pool.acquire() as conn, conn.transaction():
+            quiet = await add_event(
+                conn,
+                aggregate_type="thing",
+                aggregate_id="q",
+                event_type="updated",
+                payload={"version": 1},
+                notify=False,
+            )
+        async with asyncio.timeout(FAST.poll_interval * 4):
+            while not await _has_effects(db, 1):
+                await asyncio.sleep(0.05)
+    assert [r["event_id"] for r in await effects(db)] == [str(quiet)]

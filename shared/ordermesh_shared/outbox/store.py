@@ -108,11 +108,16 @@ async def add_event(
     event_type: str,
     payload: Mapping[str, Any],
     headers: Mapping[str, str] | None = None,
+    notify: bool = True,
 ) -> uuid.UUID:
     """Record an event in the caller's transaction; returns its id (the CloudEvents id).
 
     Call it after the write that locks the aggregate: per aggregate, outbox ids then follow
     commit order, which is the order consumers receive the events in.
+
+    ``notify=False`` leaves the relay to find the row at its next poll. The NOTIFY costs:
+    Postgres commits notifying transactions one at a time, cluster-wide (measured here: 16
+    writers commit ~2x slower), so a bulk writer may prefer to skip it.
     """
     if not conn.is_in_transaction():
         raise NotInTransaction("add_event must run inside the business transaction")
@@ -121,10 +126,7 @@ async def add_event(
     event_id = uuid.uuid4()
     # One round trip; pg_notify inside the transaction is delivered only if it commits.
     await conn.execute(
-        "WITH added AS (INSERT INTO outbox"
-        "  (event_id, aggregate_type, aggregate_id, event_type, payload, headers)"
-        "  VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb) RETURNING 1)"
-        f" SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM added",
+        _ADD_AND_NOTIFY if notify else _ADD,
         event_id,
         aggregate_type,
         aggregate_id,
@@ -133,6 +135,15 @@ async def add_event(
         orjson.dumps(dict(headers or {})).decode(),
     )
     return event_id
+
+
+_ADD = (
+    "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload, headers)"
+    " VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)"
+)
+_ADD_AND_NOTIFY = (
+    f"WITH added AS ({_ADD} RETURNING 1) SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM added"
+)
 
 
 def _check_headers(headers: Mapping[str, str]) -> None:
