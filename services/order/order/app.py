@@ -17,6 +17,7 @@ from order.api import router
 from order.app_state import RUNTIME_KEY, OrderRuntime
 from order.clients import OrderClients
 from order.saga import place_order_saga
+from order.timeline import start_timeline, timeline_router
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -53,6 +54,7 @@ def _saga_setup(settings: OrderSettings) -> Setup:
         )
         async with engine:
             ctx.extras[RUNTIME_KEY] = OrderRuntime(engine, definition, settings.order_wait)
+            start_timeline(ctx)
             yield
 
     return setup
@@ -68,7 +70,7 @@ def order_spec(settings: OrderSettings) -> ServiceSpec:
             " create the shipment; compensations in reverse when a step says no."
         ),
         migrations=MIGRATIONS,
-        routers=[router],
+        routers=[router, timeline_router],
         setup=_saga_setup(settings),
         extra_migrations=(SAGA_MIGRATIONS,),
     )
