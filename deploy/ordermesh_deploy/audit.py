@@ -150,6 +150,37 @@ async def outbox_drained(db: Connections) -> Finding:
     return _finding("outbox drained (published, none quarantined)", bad, checked)
 
 
+async def events_applied_once(db: Connections) -> Finding:
+    """Every published event reached the order timeline exactly once, and nothing else did."""
+    published: set[str] = set()
+    for conn in db.values():
+        rows = await conn.fetch("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL")
+        published |= {r["event_id"] for r in rows}
+    applied = [
+        r["event_id"] for r in await db["order"].fetch("SELECT event_id FROM order_timeline")
+    ]
+    bad = [f"published, never applied: {e}" for e in sorted(published - set(applied))]
+    bad += [f"applied, never published: {e}" for e in sorted(set(applied) - published)]
+    bad += [f"applied twice: {e}" for e in sorted({e for e in applied if applied.count(e) > 1})]
+    return _finding("every event applied once (order timeline)", bad, len(published))
+
+
+async def per_aggregate_order(db: Connections) -> Finding:
+    """Each aggregate's events were applied in the order its service committed them."""
+    rows = await db["order"].fetch(
+        "SELECT service, aggregate_type, order_id, sequence FROM order_timeline"
+        " ORDER BY received_at, event_id"
+    )
+    last: dict[tuple[str, str, str], int] = {}
+    bad = []
+    for r in rows:
+        aggregate = (r["service"], r["aggregate_type"], str(r["order_id"]))
+        if r["sequence"] < last.get(aggregate, 0):
+            bad.append(f"{'/'.join(aggregate)}: {r['sequence']} after {last[aggregate]}")
+        last[aggregate] = max(r["sequence"], last.get(aggregate, 0))
+    return _finding("per-aggregate event order kept", bad, len(last))
+
+
 def _state(record: asyncpg.Record | None) -> str:
     return "none" if record is None else str(record["status"])
 
@@ -161,6 +192,8 @@ CHECKS: tuple[Callable[[Connections], Awaitable[Finding]], ...] = (
     one_shipment,
     reservations_settled,
     outbox_drained,
+    events_applied_once,
+    per_aggregate_order,
 )
 
 
@@ -175,7 +208,10 @@ async def quiescent(db: Connections) -> bool:
         waiting += await conn.fetchval(
             "SELECT count(*) FROM outbox WHERE published_at IS NULL AND quarantined_at IS NULL"
         )
-    return pending == 0 and waiting == 0
+    published = sum([await c.fetchval("SELECT count(*) FROM outbox") for c in db.values()])
+    # Consumers lag the relay by a moment: quiet means the timeline caught up as well.
+    applied = await db["order"].fetchval("SELECT count(*) FROM order_timeline")
+    return pending == 0 and waiting == 0 and applied >= published
 
 
 async def wait_quiescent(db: Connections, within: float) -> float:
