@@ -63,10 +63,10 @@ async def test_reserve_commit_and_replay(inventory: httpx.AsyncClient) -> None:
     replay = await inventory.post("/reservations", json=body, headers=headers)
     assert (replay.status_code, replay.json()) == (201, first.json())
     assert replay.headers["Idempotent-Replay"] == "true"
-    assert await stock(inventory, "KB-101") == (98, 2, 0)
+    assert await stock(inventory, "KB-101") == (498, 2, 0)
     committed = await inventory.post(f"/reservations/{order_id}/commit", headers=key())
     assert committed.json()["status"] == "committed"
-    assert await stock(inventory, "KB-101") == (98, 0, 2)
+    assert await stock(inventory, "KB-101") == (498, 0, 2)
 
 
 async def test_same_key_other_body_is_refused(inventory: httpx.AsyncClient) -> None:
@@ -77,7 +77,7 @@ async def test_same_key_other_body_is_refused(inventory: httpx.AsyncClient) -> N
     reused = await inventory.post("/reservations", json=body, headers=headers)
     assert reused.status_code == 422
     assert "different request" in reused.json()["detail"]
-    assert await stock(inventory, "KB-101") == (99, 1, 0)
+    assert await stock(inventory, "KB-101") == (499, 1, 0)
 
 
 async def test_release_before_reserve_refuses_the_late_reserve(
@@ -93,7 +93,7 @@ async def test_release_before_reserve_refuses_the_late_reserve(
     )
     assert late.status_code == 409
     assert late.json()["reason"] == "released"
-    assert await stock(inventory, "KB-101") == (100, 0, 0)
+    assert await stock(inventory, "KB-101") == (500, 0, 0)
 
 
 async def test_shortage_reserves_nothing(inventory: httpx.AsyncClient) -> None:
@@ -105,7 +105,7 @@ async def test_shortage_reserves_nothing(inventory: httpx.AsyncClient) -> None:
     assert short.status_code == 422
     assert short.json()["reason"] == "out_of_stock"
     assert "5 available, 6 requested" in short.json()["detail"]
-    assert await stock(inventory, "KB-101") == (100, 0, 0)
+    assert await stock(inventory, "KB-101") == (500, 0, 0)
     unknown = await inventory.post(
         "/reservations",
         json={"order_id": str(uuid.uuid4()), "items": [{"sku": "ZZ-1", "quantity": 1}]},
@@ -148,7 +148,7 @@ async def test_bad_commands_are_4xx_and_write_nothing(inventory: httpx.AsyncClie
     assert no_key.status_code == 422
     assert "Idempotency-Key" in no_key.text
     assert (await inventory.get(f"/reservations/{order_id}")).status_code == 404
-    assert await stock(inventory, "KB-101") == (100, 0, 0)
+    assert await stock(inventory, "KB-101") == (500, 0, 0)
 
 
 async def test_charge_decline_refund_and_late_charge(payment: httpx.AsyncClient) -> None:
@@ -192,7 +192,7 @@ async def test_refund_before_charge_voids_the_late_charge(payment: httpx.AsyncCl
         headers=key(),
     )
     assert late.status_code == 409
-    assert (await payment.get("/customers/bob")).json()["balance"] == "5000.00"
+    assert (await payment.get("/customers/bob")).json()["balance"] == "50000.00"
 
 
 async def test_shipment_rules(shipping: httpx.AsyncClient) -> None:

@@ -34,7 +34,7 @@ async def test_inventory_migrates_seeds_and_serves_products(fresh_database: str)
         assert {p["sku"] for p in products} >= {"KB-101", "HP-505", "LS-606"}
         keyboard = (await client.get("/products/KB-101")).json()
         assert keyboard["price"] == "89.00"
-        assert keyboard["available"] == 100
+        assert keyboard["available"] == 500
         missing = await client.get("/products/NOPE-1")
         assert missing.status_code == 404
         assert "NOPE-1" in missing.json()["detail"]
