@@ -358,7 +358,7 @@ async def scratch(batch: int) -> AsyncIterator[Bench]:
     _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     try:
         dsn = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-        async with Database(dsn, max_size=20) as db, Broker(AMQP + vhost, name="bench") as broker:
+        async with Database(dsn, max_size=10) as db, Broker(AMQP + vhost, name="bench") as broker:
             await db.migrate(SHARED_MIGRATIONS)
             await asyncio.wait_for(broker.connected.wait(), 10)
             bench = Bench(db, broker, amqp_url=AMQP + vhost, batch=batch)

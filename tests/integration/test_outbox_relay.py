@@ -46,7 +46,7 @@ CREATE TABLE effects (
 
 @pytest.fixture
 async def db(fresh_database: str) -> AsyncIterator[Database]:
-    async with Database(fresh_database, max_size=20) as database:
+    async with Database(fresh_database, max_size=8) as database:
         await database.migrate(SHARED_MIGRATIONS)
         async with database.pool.acquire() as conn:
             await conn.execute(SCHEMA)
