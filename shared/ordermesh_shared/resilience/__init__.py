@@ -12,7 +12,6 @@ from ordermesh_shared.resilience.client import (
     InstanceSource,
     ServiceClient,
     TargetService,
-    UpstreamResponse,
 )
 from ordermesh_shared.resilience.deadline import (
     DEADLINE_HEADER,
@@ -20,7 +19,7 @@ from ordermesh_shared.resilience.deadline import (
     deadline_scope,
     remaining,
 )
-from ordermesh_shared.resilience.engine import AiohttpEngine, HttpxEngine
+from ordermesh_shared.resilience.engine import AiohttpEngine, HttpxEngine, UpstreamResponse
 from ordermesh_shared.resilience.errors import (
     CircuitOpen,
     DeadlineExceeded,

@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Literal
 
 from ordermesh_shared.discovery import ServiceInstance
-from ordermesh_shared.resilience.breaker import InstanceBreaker
+from ordermesh_shared.resilience.breaker import CLOSED, InstanceBreaker
 
 Strategy = Literal["round_robin", "least_outstanding"]
 
@@ -78,7 +78,8 @@ class Balancer:
         best_rank = (2, 0)
         for offset in range(count):
             endpoint = endpoints[(start + offset) % count]
-            if not endpoint.breaker.admits():
+            breaker = endpoint.breaker
+            if breaker.state != CLOSED and not breaker.admits():
                 continue
             # Untried beats tried; then fewer calls in flight; ties go round robin.
             load = endpoint.outstanding if self._least_outstanding else 0

@@ -15,8 +15,8 @@ the instance is sick (connection errors, timeouts, 5xx), and let 4xx answers out
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import pybreaker
@@ -71,19 +71,9 @@ class InstanceBreaker:
             return True
         return not self._trial_in_flight and time.monotonic() >= self._retry_at
 
-    @contextmanager
-    def guard(self) -> Iterator[None]:
-        """Run the block as a call through the breaker; BreakerRejected if not admitted."""
-        if not self.admits():
-            raise BreakerRejected(f"circuit open for {self.name}")
-        trial = self.state != CLOSED
-        self._trial_in_flight = trial
-        try:
-            with _pybreaker_calling(self._breaker):
-                yield
-        finally:
-            if trial:
-                self._trial_in_flight = False
+    def guard(self) -> _Guard:
+        """``with breaker.guard():`` runs the block as a call; BreakerRejected if not admitted."""
+        return _Guard(self)
 
     def _changed(self, old: str, new: str) -> None:
         self.state = new
@@ -93,15 +83,42 @@ class InstanceBreaker:
             self._on_change(self, old, new)
 
 
-@contextmanager
-def _pybreaker_calling(breaker: pybreaker.CircuitBreaker) -> Iterator[None]:
-    # Our clock and pybreaker's (wall time) may disagree by a hair: translate its own refusal.
-    # The block itself never raises CircuitBreakerError (throw_new_error_on_trip=False).
-    try:
-        with breaker.calling():
-            yield
-    except pybreaker.CircuitBreakerError as exc:
-        raise BreakerRejected(str(exc)) from None
+class _Guard:
+    """The guard of one call. A class rather than a generator: it is on every call's path."""
+
+    __slots__ = ("_calling", "_owner", "_trial")
+
+    def __init__(self, owner: InstanceBreaker) -> None:
+        self._owner = owner
+        self._trial = False
+        self._calling: Any = None
+
+    def __enter__(self) -> None:
+        owner = self._owner
+        if owner.state != CLOSED and not owner.admits():
+            raise BreakerRejected(f"circuit open for {owner.name}")
+        calling = owner._breaker.calling()
+        try:
+            calling.__enter__()
+        except pybreaker.CircuitBreakerError as exc:
+            # Our clock and pybreaker's (wall time) may disagree by a hair.
+            raise BreakerRejected(str(exc)) from None
+        # No await since admits(): nobody else can have taken the trial meanwhile.
+        self._trial = owner.state != CLOSED
+        owner._trial_in_flight = owner._trial_in_flight or self._trial
+        self._calling = calling
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            return bool(self._calling.__exit__(exc_type, exc, tb))
+        finally:
+            if self._trial:
+                self._owner._trial_in_flight = False
 
 
 class _Listener(pybreaker.CircuitBreakerListener):

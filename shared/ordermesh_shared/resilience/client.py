@@ -14,9 +14,8 @@ allowed are spent.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
@@ -35,7 +34,12 @@ from ordermesh_shared.resilience.breaker import BreakerRejected, InstanceBreaker
 from ordermesh_shared.resilience.budget import RetryBudget
 from ordermesh_shared.resilience.client_metrics import ClientMetrics, TargetMetrics
 from ordermesh_shared.resilience.deadline import DEADLINE_HEADER, current_deadline, header_value
-from ordermesh_shared.resilience.engine import AiohttpEngine, Engine, EngineError, RawResponse
+from ordermesh_shared.resilience.engine import (
+    AiohttpEngine,
+    Engine,
+    EngineError,
+    UpstreamResponse,
+)
 from ordermesh_shared.resilience.errors import (
     CircuitOpen,
     DeadlineExceeded,
@@ -57,6 +61,10 @@ log = structlog.get_logger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+BreakerChange = Callable[[str, str, str, str], None]
+"""``(target, instance_id, old_state, new_state)``."""
 
 
 class InstanceSource(Protocol):
@@ -107,29 +115,6 @@ class ClientPolicy:
         return RetrySchedule(self.max_attempts, self.backoff, self.backoff_cap)
 
 
-class UpstreamResponse:
-    """An answer: ``status``, ``headers`` (case-insensitive), ``content``, ``json()``, ``text``."""
-
-    __slots__ = ("content", "headers", "status")
-
-    def __init__(self, raw: RawResponse) -> None:
-        self.status = raw.status
-        self.headers = raw.headers
-        self.content = raw.body
-
-    def json(self) -> Any:
-        """The body decoded as JSON."""
-        return orjson.loads(self.content)
-
-    @property
-    def text(self) -> str:
-        """The body decoded as UTF-8."""
-        return self.content.decode(errors="replace")
-
-    def __repr__(self) -> str:
-        return f"<UpstreamResponse {self.status} {len(self.content)} bytes>"
-
-
 class ServiceClient:
     """Calls other services by name; one per process, opened by the lifespan.
 
@@ -139,7 +124,8 @@ class ServiceClient:
 
     ``metrics`` is the Prometheus registry to add the client's metrics to (a private one if
     None); ``engine`` replaces the default aiohttp engine (see
-    :mod:`ordermesh_shared.resilience.engine`).
+    :mod:`ordermesh_shared.resilience.engine`); ``on_breaker_change(target, instance, old,
+    new)`` is told of every breaker state change (they are also logged and exported).
     """
 
     def __init__(
@@ -149,8 +135,10 @@ class ServiceClient:
         metrics: CollectorRegistry | None = None,
         policy: ClientPolicy | None = None,
         engine: Engine | None = None,
+        on_breaker_change: BreakerChange | None = None,
     ) -> None:
         self.policy = policy or ClientPolicy()
+        self._on_breaker_change = on_breaker_change
         self._registry = registry
         self._metrics = ClientMetrics(metrics or CollectorRegistry(auto_describe=True))
         self._engine: Engine = engine or AiohttpEngine(pool_size=self.policy.pool_size)
@@ -178,6 +166,7 @@ class ServiceClient:
                 engine=self._engine,
                 policy=self.policy,
                 metrics=self._metrics.for_target(name),
+                on_breaker_change=self._on_breaker_change,
             )
             self._targets[name] = target
         return target
@@ -205,8 +194,10 @@ class TargetService:
         engine: Engine,
         policy: ClientPolicy,
         metrics: TargetMetrics,
+        on_breaker_change: BreakerChange | None = None,
     ) -> None:
         self.name = name
+        self._on_breaker_change = on_breaker_change
         self._registry = registry
         self._engine = engine
         self._policy = policy
@@ -222,35 +213,45 @@ class TargetService:
             self._new_breaker, strategy=policy.balancing, on_drop=self._forget_endpoint
         )
 
-    async def get(
+    # The verbs hand back request()'s coroutine rather than awaiting it: one frame less for
+    # every resume of every call.
+    def get(
         self,
         path: str,
         *,
         params: Mapping[str, str | int] | None = None,
         headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (see request)
+        timeout: float | None = None,
         accept: Collection[int] = (),
-    ) -> UpstreamResponse:
+    ) -> Coroutine[Any, Any, UpstreamResponse]:
         """GET ``path`` (retried freely: reads are safe)."""
-        return await self.request(
+        return self.request(
             "GET", path, params=params, headers=headers, timeout=timeout, accept=accept
         )
 
-    async def post(self, path: str, **options: Unpack[RequestOptions]) -> UpstreamResponse:
+    def post(
+        self, path: str, **options: Unpack[RequestOptions]
+    ) -> Coroutine[Any, Any, UpstreamResponse]:
         """POST ``path``; resent only with ``idempotency_key`` (see :meth:`request`)."""
-        return await self.request("POST", path, **options)
+        return self.request("POST", path, **options)
 
-    async def put(self, path: str, **options: Unpack[RequestOptions]) -> UpstreamResponse:
+    def put(
+        self, path: str, **options: Unpack[RequestOptions]
+    ) -> Coroutine[Any, Any, UpstreamResponse]:
         """PUT ``path`` (see :meth:`request`)."""
-        return await self.request("PUT", path, **options)
+        return self.request("PUT", path, **options)
 
-    async def patch(self, path: str, **options: Unpack[RequestOptions]) -> UpstreamResponse:
+    def patch(
+        self, path: str, **options: Unpack[RequestOptions]
+    ) -> Coroutine[Any, Any, UpstreamResponse]:
         """PATCH ``path`` (see :meth:`request`)."""
-        return await self.request("PATCH", path, **options)
+        return self.request("PATCH", path, **options)
 
-    async def delete(self, path: str, **options: Unpack[RequestOptions]) -> UpstreamResponse:
+    def delete(
+        self, path: str, **options: Unpack[RequestOptions]
+    ) -> Coroutine[Any, Any, UpstreamResponse]:
         """DELETE ``path`` (see :meth:`request`)."""
-        return await self.request("DELETE", path, **options)
+        return self.request("DELETE", path, **options)
 
     async def request(
         self,
@@ -281,7 +282,12 @@ class TargetService:
         self.budget.record_request()
         started = time.perf_counter()
         try:
-            answer: UpstreamResponse = await self._retrying(call)(self._attempt, call)
+            try:
+                answer = await self._attempt(call)
+            except AttemptFailed as failed:
+                if not failed.retryable:
+                    raise
+                answer = await self._retry(call, failed)
         except AttemptFailed as failed:
             error = self._final_error(call, failed)
             self._metrics.outcomes[_outcome(error)].inc()
@@ -289,6 +295,13 @@ class TargetService:
         finally:
             self._metrics.latency.observe(time.perf_counter() - started)
         self._metrics.outcomes["ok"].inc()
+        return answer
+
+    async def _retry(self, call: _Call, first: AttemptFailed) -> UpstreamResponse:
+        # Most calls succeed at once, so the first attempt runs outside tenacity, whose
+        # per-run bookkeeping costs a good part of a raw aiohttp call's CPU. A retryable
+        # failure hands over to tenacity, which sees that failure as its own first attempt.
+        answer: UpstreamResponse = await self._retrying(call)(_Replay(first, self._attempt), call)
         return answer
 
     def breaker_states(self) -> dict[str, str]:
@@ -342,17 +355,31 @@ class TargetService:
         )
 
     async def _attempt(self, call: _Call) -> UpstreamResponse:
-        seconds = min(self._policy.attempt_timeout, call.time_left())
+        seconds = min(self._policy.attempt_timeout, call.deadline - time.monotonic())
         if seconds <= 0:
             raise call.failed(self._deadline_error(call), retryable=False)
         endpoint = self._pick(call)
         headers = {**call.headers, DEADLINE_HEADER: header_value(seconds)}
         endpoint.outstanding += 1
         try:
-            raw = await self._send(endpoint, call, headers, seconds)
+            with endpoint.breaker.guard():
+                answer = await self._engine.send(
+                    call.method,
+                    endpoint.base_url + call.target,
+                    headers=headers,
+                    body=call.content,
+                    time_limit=seconds,
+                )
+                if answer.status >= 500:
+                    raise _ServerFault(answer)  # inside the guard: the breaker counts it
+        except (BreakerRejected, _ServerFault, EngineError) as exc:
+            cause = exc if isinstance(exc, EngineError) else None  # ours are not worth showing
+            raise self._failure(call, endpoint, exc, seconds) from cause
         finally:
             endpoint.outstanding -= 1
-        return self._answer(call, raw)
+        if answer.status < 400:
+            return answer
+        return self._not_ok(call, answer)
 
     def _pick(self, call: _Call) -> Endpoint:
         try:
@@ -364,44 +391,36 @@ class TargetService:
         call.tried.append(endpoint)
         return endpoint
 
-    async def _send(
-        self, endpoint: Endpoint, call: _Call, headers: dict[str, str], seconds: float
-    ) -> RawResponse:
-        url = endpoint.base_url + call.target
+    def _failure(
+        self, call: _Call, endpoint: Endpoint, exc: Exception, seconds: float
+    ) -> AttemptFailed:
+        """What an attempt's failure means: the error, and whether to try again."""
         where = endpoint.instance.instance_id
-        try:
-            with endpoint.breaker.guard():
-                async with asyncio.timeout(seconds):
-                    raw = await self._engine.send(
-                        call.method, url, headers=headers, body=call.content
-                    )
-                if raw.status >= 500:
-                    raise _ServerFault(raw)  # inside the guard: the breaker counts it
-        except BreakerRejected:
+        if isinstance(exc, BreakerRejected):
             # Lost a race for the half-open trial: nothing was sent, another pick may work.
-            raise call.failed(CircuitOpen(self.name, f"breaker open for {where}"), True) from None
-        except _ServerFault as fault:
-            raise self._server_fault(call, fault.raw, where) from None
-        except TimeoutError as exc:
-            raise self._timed_out(call, seconds, where) from exc
-        except EngineError as exc:
-            error = UpstreamUnavailable(self.name, f"{where}: {exc}")
-            raise call.failed(error, not exc.sent or call.resendable) from exc
-        return raw
+            return call.failed(CircuitOpen(self.name, f"breaker open for {where}"), True)
+        if isinstance(exc, _ServerFault):
+            return self._server_fault(call, exc.answer, where)
+        assert isinstance(exc, EngineError)
+        if exc.timed_out:
+            return self._timed_out(call, seconds, where)
+        error = UpstreamUnavailable(self.name, f"{where}: {exc}")
+        return call.failed(error, not exc.sent or call.resendable)
 
-    def _answer(self, call: _Call, raw: RawResponse) -> UpstreamResponse:
+    def _not_ok(self, call: _Call, raw: UpstreamResponse) -> UpstreamResponse:
+        """A 4xx: handed back when accepted, else a failure (429: retryable)."""
         status = raw.status
-        if status < 400 or status in call.accept:
-            return UpstreamResponse(raw)
-        body = decode_body(raw.body)
+        if status in call.accept:
+            return raw
+        body = decode_body(raw.content)
         if status == 429:
             error = UpstreamUnavailable(self.name, "too many requests (429)", status=429)
             retry_after = parse_retry_after(raw.headers.get("Retry-After"))
             raise call.failed(error, call.resendable, retry_after=retry_after)
         raise call.failed(UpstreamRejected(self.name, status, body), retryable=False)
 
-    def _server_fault(self, call: _Call, raw: RawResponse, where: str) -> AttemptFailed:
-        detail = f"{where} answered {raw.status}: {decode_body(raw.body)}"
+    def _server_fault(self, call: _Call, raw: UpstreamResponse, where: str) -> AttemptFailed:
+        detail = f"{where} answered {raw.status}: {decode_body(raw.content)}"
         error = UpstreamUnavailable(self.name, detail, status=raw.status)
         retryable = raw.status in RETRYABLE_STATUSES and call.resendable
         return call.failed(error, retryable, retry_after=_retry_after(raw))
@@ -450,6 +469,8 @@ class TargetService:
         self._metrics.breaker(breaker.name, new)
         logger = log.warning if new == "open" else log.info
         logger("client.breaker", target=self.name, instance=breaker.name, old=old, new=new)
+        if self._on_breaker_change is not None:
+            self._on_breaker_change(self.name, breaker.name, old, new)
 
     def _forget_endpoint(self, endpoint: Endpoint) -> None:
         self._metrics.forget(endpoint.instance.instance_id)
@@ -501,12 +522,28 @@ class _Call:
         return AttemptFailed(error, retryable=retryable, retry_after=retry_after)
 
 
+class _Replay:
+    """An attempt function whose first run re-raises a failure that already happened."""
+
+    def __init__(
+        self, first: AttemptFailed, attempt: Callable[[_Call], Awaitable[UpstreamResponse]]
+    ) -> None:
+        self._first: AttemptFailed | None = first
+        self._attempt = attempt
+
+    async def __call__(self, call: _Call) -> UpstreamResponse:
+        if self._first is not None:
+            first, self._first = self._first, None
+            raise first
+        return await self._attempt(call)
+
+
 class _ServerFault(Exception):
     """A 5xx answer, raised inside the breaker's guard so that it counts as a failure."""
 
-    def __init__(self, raw: RawResponse) -> None:
-        super().__init__(raw.status)
-        self.raw = raw
+    def __init__(self, answer: UpstreamResponse) -> None:
+        super().__init__(answer.status)
+        self.answer = answer
 
 
 def _deadline(timeout: float) -> float:
@@ -515,7 +552,7 @@ def _deadline(timeout: float) -> float:
     return own if inherited is None else min(own, inherited)
 
 
-def _retry_after(raw: RawResponse) -> float | None:
+def _retry_after(raw: UpstreamResponse) -> float | None:
     return parse_retry_after(raw.headers.get("Retry-After")) if raw.status == 503 else None
 
 
