@@ -64,7 +64,7 @@ class Subscription:
     handler: Handler
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     prefetch: int = 100
-    concurrency: int = 4  # lanes; events of one aggregate always share a lane
+    concurrency: int = 8  # lanes (each commits on its own); one aggregate stays in one lane
     retry_delay: float = 0.2  # before retrying a failed message; doubles per attempt
     retry_delay_max: float = 5.0
 
