@@ -2,7 +2,7 @@
 UV ?= uv
 RUN = $(UV) run
 
-.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock
+.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ demo-election:  ## three contenders on etcd; the leader is SIGKILLed; a new one 
 
 demo-lock:  ## workers share a lock; a holder is SIGSTOPped past its TTL; its late write is fenced off
 	$(RUN) python -m ordermesh_deploy.coordination_demo lock
+
+demo-breaker:  ## a flaky payment instance opens the breaker; clearing the fault closes it
+	$(RUN) python -m ordermesh_deploy.demo_breaker
 
 test:  ## run the test suite (unit, integration; compose tests skip without Docker)
 	$(RUN) pytest

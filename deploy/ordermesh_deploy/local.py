@@ -55,6 +55,7 @@ class Stack:
     private_etcd: bool
     etcd_peer_port: int = 0
     db_prefix: str = "ordermesh"
+    rabbitmq_vhost: str = ""  # created by `up` (and deleted by `down`) when set
     instances: dict[str, str] = field(default_factory=dict)  # program -> base URL
 
     @property
@@ -164,7 +165,9 @@ def _service_env(stack: Stack, service: str, port: int, log_level: str) -> dict[
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "DATABASE_URL": f"{stack.postgres_url.rstrip('/')}/{stack.db_prefix}_{service}",
-        "RABBITMQ_URL": stack.rabbitmq_url,
+        "RABBITMQ_URL": with_vhost(stack.rabbitmq_url, stack.rabbitmq_vhost)
+        if stack.rabbitmq_vhost
+        else stack.rabbitmq_url,
         "REGISTRY": "etcd",
         "ETCD_URL": stack.etcd_url,
         "LOG_LEVEL": log_level,
@@ -255,6 +258,24 @@ def _parse_scale(values: list[str]) -> dict[str, int]:
     return scale
 
 
+def rabbitmqctl(*args: str) -> None:
+    """Run rabbitmqctl against the local broker (a private vhost needs its CLI)."""
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    """The AMQP URL pointed at ``vhost``."""
+    scheme, _, rest = url.partition("://")
+    authority = rest.split("/", 1)[0]
+    return f"{scheme}://{authority}/{vhost}"
+
+
+def create_vhost(vhost: str) -> None:
+    """A private virtual host: this stack's exchange and queues, apart from any other."""
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the stack and wait until it is ready."""
     run_dir = Path(args.run_dir)
@@ -272,6 +293,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     for program, (_service, port) in plan.items():
         stack.instances[program] = f"http://127.0.0.1:{port}"
+    if stack.rabbitmq_vhost:
+        create_vhost(stack.rabbitmq_vhost)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     stack.conf.write_text(supervisor_conf(stack, plan, args.log_level))
     stack.save()
@@ -311,6 +334,7 @@ def _new_stack(args: argparse.Namespace, run_dir: Path) -> Stack:
         private_etcd=private,
         etcd_peer_port=peer,
         db_prefix=args.db_prefix,
+        rabbitmq_vhost=args.rabbitmq_vhost,
     )
 
 
@@ -348,6 +372,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         time.sleep(0.2)
     if supervisord_running(run_dir):
         os.kill(pid, signal.SIGKILL)
+    if stack.rabbitmq_vhost:
+        rabbitmqctl("delete_vhost", stack.rabbitmq_vhost)
     print("the local stack is stopped")
     return 0
 
@@ -385,7 +411,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def _identifier(value: str) -> str:
-    if not value.replace("_", "").isalnum() or not value[0].isalpha():
+    if value and (not value.replace("_", "").isalnum() or not value[0].isalpha()):
         raise argparse.ArgumentTypeError(f"{value!r}: letters, digits and _ only")
     return value.lower()
 
@@ -413,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="ordermesh",
         type=_identifier,
         help="databases are <prefix>_<service> (default ordermesh)",
+    )
+    up.add_argument(
+        "--rabbitmq-vhost",
+        default="",
+        type=_identifier,
+        help="create this virtual host for the stack (deleted by `down`); needs rabbitmqctl",
     )
     up.add_argument(
         "--etcd-url",

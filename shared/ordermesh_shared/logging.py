@@ -42,6 +42,8 @@ def configure_logging(*, service: str, instance_id: str, level: str = "INFO") ->
     root.setLevel(level)
     # Access lines would double the log volume; request metrics cover them.
     logging.getLogger("uvicorn.access").disabled = True
+    # One line per etcd keepalive or watch poll would drown the service's own events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _stamp(*, service: str, instance_id: str) -> structlog.types.Processor:

@@ -21,7 +21,7 @@ from tests.support.postgres import drop_database
 pytestmark = pytest.mark.e2e
 
 OFFSET = 21000  # away from the default ports, so a developer's own `make dev` is left alone
-PREFIX = f"om_e2e_{uuid.uuid4().hex[:8]}"  # and away from its databases
+PREFIX = f"om_e2e_{uuid.uuid4().hex[:8]}"  # and away from its databases and broker
 
 
 def local(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -80,7 +80,16 @@ async def drop_databases() -> None:
 
 async def test_up_registers_recovers_and_down_stops_everything(stack_dir: Path) -> None:
     up = local(
-        stack_dir, "up", "--port-offset", str(OFFSET), "--timeout", "60", "--db-prefix", PREFIX
+        stack_dir,
+        "up",
+        "--port-offset",
+        str(OFFSET),
+        "--timeout",
+        "60",
+        "--db-prefix",
+        PREFIX,
+        "--rabbitmq-vhost",
+        PREFIX,
     )
     assert up.returncode == 0, up.stdout + up.stderr
     assert "every service is ready" in up.stdout

@@ -71,6 +71,8 @@ def start_stack(run_dir: Path, *, offset: int, settings: dict[str, str]) -> Runn
         str(offset),
         "--db-prefix",
         prefix,
+        "--rabbitmq-vhost",
+        prefix,
         "--postgres-url",
         server,
         "--timeout",
