@@ -2,7 +2,7 @@
 UV ?= uv
 RUN = $(UV) run
 
-.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker
+.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ chaos:  ## one chaos scenario on the local stack: make chaos SCENARIO=kill-order
 
 chaos-all:  ## every chaos scenario on the local stack, each with its audit
 	$(RUN) ordermesh-chaos scenario all
+
+events:  ## tail the live event stream of the local stack, one line per event
+	$(RUN) python -m ordermesh_deploy.events
 
 demo-election:  ## three contenders on etcd; the leader is SIGKILLed; a new one takes over
 	$(RUN) python -m ordermesh_deploy.coordination_demo election
