@@ -14,7 +14,7 @@ Messages land in a durable quorum queue bound to ``#`` (what consumers use), pur
 runs. Everything runs in a private vhost and a scratch database, both removed afterwards.
 
     uv run python bench/relay.py                    # table + bench/results/relay.json
-    uv run python bench/relay.py --events 20000 --runs 5 --latency-seconds 10
+    uv run python bench/relay.py --events 20000 --runs 5 --latency-rates 1000 --latency-seconds 10
 """
 
 from __future__ import annotations
@@ -267,11 +267,15 @@ async def latency(bench: Bench, *, rate: float, seconds: float) -> dict[str, Any
     relay = OutboxRelay(bench.db, bench.broker, service=SERVICE, fence=relay_fence(SERVICE))
     async with _child(CONSUMER, bench.db.dsn, bench.amqp_url) as consumer:
         await _expect(consumer, "subscribed")
+        cpu = time.process_time()  # this process runs only the relay now
         async with _running(relay.run(_Elected())):
             async with _child(PRODUCER, bench.db.dsn, str(rate), str(seconds)) as producer:
                 produced = (await _expect(producer, "produced")).split()
             await _wait_all_received(bench.db, int(produced[1]))
-    return await _latency_summary(bench.db, rate=rate, achieved=float(produced[2]))
+        cpu = time.process_time() - cpu
+    summary = await _latency_summary(bench.db, rate=rate, achieved=float(produced[2]))
+    summary["relay_cpu_ms_per_event"] = round(1000 * cpu / int(produced[1]), 3)
+    return summary
 
 
 async def _wait_all_received(db: Database, total: int) -> None:
@@ -392,10 +396,14 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     async with scratch(args.batch) as bench:
         bench.aggregates = args.aggregates
         variants = await throughput(bench, events=args.events, runs=args.runs)
-        lag = await latency(bench, rate=args.latency_rate, seconds=args.latency_seconds)
+        lag = [
+            await latency(bench, rate=rate, seconds=args.latency_seconds)
+            for rate in args.latency_rates
+        ]
     relay, broker, seed = (variants[k]["events_per_s_median"] for k in ("relay", "broker", "seed"))
     return {
         "benchmark": "outbox relay throughput and commit->consumer latency",
@@ -409,6 +417,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "relay_vs_broker": round(relay / broker, 2),
         "relay_vs_seed": round(relay / seed, 2),
         "latency": lag,
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "notes": "Everything shares a 2-core machine (Postgres, RabbitMQ, this process): "
         "compare ratios within one run. Messages go to one durable quorum queue. 'broker' "
         "publishes pre-encoded messages (no database, no encoding) and is the ceiling.",
@@ -423,7 +432,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--aggregates", type=int, default=1000, help="events spread over this many aggregates"
     )
-    parser.add_argument("--latency-rate", type=float, default=1000.0, help="events/s")
+    parser.add_argument(
+        "--latency-rates",
+        type=lambda text: [float(r) for r in text.split(",")],
+        default=[200.0, 500.0, 1000.0],
+        help="steady producer rates, events/s (default: 200,500,1000)",
+    )
     parser.add_argument("--latency-seconds", type=float, default=5.0)
     return parser.parse_args()
 
