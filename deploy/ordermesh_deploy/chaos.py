@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.outbox.wiring import election_name
 
 from ordermesh_deploy.audit import audit, render, stack_databases
 from ordermesh_deploy.load import run_load, settle
@@ -75,16 +77,33 @@ class LocalTarget(Target):
             raise RuntimeError(f"supervisorctl {' '.join(args)}: {out}")
 
     async def kill(self, name: str) -> None:
-        await self._ctl("signal", "KILL", name)
+        await self._ctl("signal", "KILL", await self.resolve(name))
 
     async def pause(self, name: str) -> None:
-        await self._ctl("signal", "STOP", name)
+        await self._ctl("signal", "STOP", await self.resolve(name))
 
     async def resume(self, name: str) -> None:
-        await self._ctl("signal", "CONT", name)
+        await self._ctl("signal", "CONT", await self.resolve(name))
 
     async def restart(self, name: str) -> None:
-        await self._ctl("restart", name)
+        await self._ctl("restart", await self.resolve(name))
+
+    async def resolve(self, name: str) -> str:
+        """A program name; ``relay-leader:<service>`` is whoever relays that service's outbox."""
+        if not name.startswith("relay-leader:"):
+            return name
+        service = name.partition(":")[2]
+        async with EtcdClient(self.stack.etcd_url) as etcd:
+            leader = await etcd.leader(election_name(service))
+        if leader is None:
+            raise RuntimeError(f"nobody relays {service}'s outbox right now")
+        # The leader's value is its instance id, "<service>-<host>-<port>".
+        port = leader.value.decode().rsplit("-", 1)[-1]
+        for program, url in self.stack.instances.items():
+            if url.endswith(f":{port}"):
+                say(f"{name} is {program}")
+                return program
+        raise RuntimeError(f"{name}: no program listens on port {port}")
 
     def names(self) -> list[str]:
         extra = ["etcd"] if self.stack.private_etcd else []
@@ -203,6 +222,11 @@ SCENARIOS = {
         ),
         Scenario("kill-etcd", "SIGKILL the registry (private etcd)", _after(2.0, "kill", "etcd")),
         Scenario(
+            "kill-relay-leader",
+            "SIGKILL the instance relaying inventory's outbox (scaled: another one takes over)",
+            _after(2.0, "kill", "relay-leader:inventory"),
+        ),
+        Scenario(
             "random",
             "seeded random kills and pauses every 3 s",
             lambda t: random_faults(t, every=3.0, duration=20.0, seed=1),
@@ -298,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("restart", "restart a process / container"),
     ):
         cmd = sub.add_parser(action, help=text)
-        cmd.add_argument("name", help="e.g. payment-1, order-1, etcd (compose: payment, postgres)")
+        cmd.add_argument(
+            "name",
+            help="e.g. payment-1, order-1, etcd, relay-leader:payment (compose: payment, postgres)",
+        )
         if action == "pause":
             cmd.add_argument(
                 "--for",

@@ -14,14 +14,18 @@ pytestmark = pytest.mark.chaos
 
 @pytest.fixture(scope="module")
 def scenario_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    # Two inventory instances, so killing the relay leader shows another taking over.
     running = start_stack(
-        tmp_path_factory.mktemp("chaos") / "run", offset=24000, settings=FAST_SETTINGS
+        tmp_path_factory.mktemp("chaos") / "run",
+        offset=24000,
+        settings=FAST_SETTINGS,
+        extra=("--scale", "inventory=2"),
     )
     yield running
     stop_stack(running)
 
 
-@pytest.mark.parametrize("name", ["pause-inventory", "kill-etcd", "random"])
+@pytest.mark.parametrize("name", ["pause-inventory", "kill-etcd", "kill-relay-leader", "random"])
 async def test_scenario_keeps_every_invariant(
     scenario_stack: RunningStack, name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -59,7 +59,9 @@ def run_local(
     )
 
 
-def start_stack(run_dir: Path, *, offset: int, settings: dict[str, str]) -> RunningStack:
+def start_stack(
+    run_dir: Path, *, offset: int, settings: dict[str, str], extra: tuple[str, ...] = ()
+) -> RunningStack:
     """Bring a stack up (fails the test with its output if it does not get ready)."""
     prefix = f"om_e2e_{uuid.uuid4().hex[:8]}"
     server = admin_dsn().rpartition("/")[0]
@@ -77,6 +79,7 @@ def start_stack(run_dir: Path, *, offset: int, settings: dict[str, str]) -> Runn
         server,
         "--timeout",
         "90",
+        *extra,
         env=env,
     )
     if result.returncode != 0:
