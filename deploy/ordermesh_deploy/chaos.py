@@ -64,8 +64,37 @@ class Target:
         raise NotImplementedError
 
 
+SERVER_OUTAGE = 3.0  # seconds the machine's Postgres or RabbitMQ stays down on kill/restart
+
+
+async def _run(*command: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL)
+    if await proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(command)} failed")
+
+
+async def bounce_server(name: str, *, hard: bool) -> None:
+    """Take the machine's Postgres or RabbitMQ down for a moment and bring it back.
+
+    The local stack uses the machine's servers, so this is felt by everything using them.
+    ``hard`` stops Postgres in immediate mode (no checkpoint, like a crash).
+    """
+    if name == "postgres":
+        cluster = ["15", "main"]
+        mode = ["-m", "immediate"] if hard else []
+        await _run("pg_ctlcluster", "--skip-systemctl-redirect", *cluster, "stop", *mode)
+        await asyncio.sleep(SERVER_OUTAGE)
+        await _run("pg_ctlcluster", "--skip-systemctl-redirect", *cluster, "start")
+    else:
+        await _run("rabbitmqctl", "-q", "stop_app")
+        await asyncio.sleep(SERVER_OUTAGE)
+        await _run("rabbitmqctl", "-q", "start_app")
+    say(f"{name} is back")
+
+
 class LocalTarget(Target):
-    """The local stack: supervisord restarts a killed process by itself."""
+    """The local stack: supervisord restarts a killed process by itself; ``postgres`` and
+    ``rabbitmq`` are the machine's servers (down for a few seconds, then started again)."""
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
@@ -77,6 +106,9 @@ class LocalTarget(Target):
             raise RuntimeError(f"supervisorctl {' '.join(args)}: {out}")
 
     async def kill(self, name: str) -> None:
+        if name in ("postgres", "rabbitmq"):
+            await bounce_server(name, hard=True)
+            return
         await self._ctl("signal", "KILL", await self.resolve(name))
 
     async def pause(self, name: str) -> None:
@@ -86,6 +118,9 @@ class LocalTarget(Target):
         await self._ctl("signal", "CONT", await self.resolve(name))
 
     async def restart(self, name: str) -> None:
+        if name in ("postgres", "rabbitmq"):
+            await bounce_server(name, hard=False)
+            return
         await self._ctl("restart", await self.resolve(name))
 
     async def resolve(self, name: str) -> str:
@@ -225,6 +260,16 @@ SCENARIOS = {
             "kill-relay-leader",
             "SIGKILL the instance relaying inventory's outbox (scaled: another one takes over)",
             _after(2.0, "kill", "relay-leader:inventory"),
+        ),
+        Scenario(
+            "restart-rabbitmq",
+            "stop the machine's RabbitMQ for 3 s while events flow, then start it",
+            _after(2.0, "restart", "rabbitmq"),
+        ),
+        Scenario(
+            "kill-postgres",
+            "stop the machine's PostgreSQL in immediate mode (a crash) for 3 s, then start it",
+            _after(2.0, "kill", "postgres"),
         ),
         Scenario(
             "random",
