@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from ordermesh_deploy.local import SERVICES, Stack
+from ordermesh_deploy.local import SERVICES, Stack, port_in_use
 
 from tests.support.postgres import admin_dsn
 
@@ -59,10 +59,21 @@ def run_local(
     )
 
 
+def free_offset(preferred: int) -> int:
+    """``preferred``, or the next offset (in steps of 100) whose service ports are all free,
+    so a test stack never trips over another stack running on this machine."""
+    for offset in range(preferred, preferred + 5000, 100):
+        ports = [base + offset + step for base in SERVICES.values() for step in (0, 10, 20)]
+        if not any(port_in_use(port) for port in ports):
+            return offset
+    raise RuntimeError(f"no free port range near offset {preferred}")
+
+
 def start_stack(
     run_dir: Path, *, offset: int, settings: dict[str, str], extra: tuple[str, ...] = ()
 ) -> RunningStack:
     """Bring a stack up (fails the test with its output if it does not get ready)."""
+    offset = free_offset(offset)
     prefix = f"om_e2e_{uuid.uuid4().hex[:8]}"
     server = admin_dsn().rpartition("/")[0]
     env = {**os.environ, **settings}
