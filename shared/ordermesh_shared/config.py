@@ -45,6 +45,9 @@ class ServiceSettings(BaseSettings):
     registry_ttl: float = Field(3.0, gt=0, le=60, description="etcd lease TTL, seconds.")
     health_timeout: float = Field(1.0, gt=0, le=30, description="Timeout of each health check.")
     log_level: LogLevel = Field("INFO", description="Log level.")
+    outbox_relay: Literal["elected", "standalone", "off"] = Field(
+        "elected", description="Who relays the outbox: the etcd-elected instance, this one, none."
+    )
     admin_token: SecretStr = Field(
         SecretStr(DEFAULT_ADMIN_TOKEN), description="Token for admin endpoints (X-Admin-Token)."
     )
