@@ -2,7 +2,7 @@
 UV ?= uv
 RUN = $(UV) run
 
-.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events
+.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ demo-lock:  ## workers share a lock; a holder is SIGSTOPped past its TTL; its la
 
 demo-breaker:  ## a flaky payment instance opens the breaker; clearing the fault closes it
 	$(RUN) python -m ordermesh_deploy.demo_breaker
+
+bench:  ## the benchmarks (about 7 minutes; not part of CI): table + bench/results/latest.json
+	$(RUN) python -m bench.run
 
 test:  ## run the test suite (unit, integration; compose tests skip without Docker)
 	$(RUN) pytest
