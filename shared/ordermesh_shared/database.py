@@ -94,6 +94,7 @@ class Database:
             timeout=self._connect_timeout,
             command_timeout=10,
             max_inactive_connection_lifetime=60,
+            reset=_keep_session,
         )
         return self
 
@@ -125,6 +126,15 @@ class Database:
             )
         self.migrated = True
         return applied
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    # asyncpg still rolls back an open transaction and drops listeners on release. Its default
+    # reset also runs four statements per release (unlock all, close all, unlisten, reset all)
+    # for session state we never leave behind: advisory locks and set_config are
+    # transaction-scoped here and LISTEN has its own connection. Measured: 5-10% of a saga's
+    # service CPU.
+    return None
 
 
 def load_migrations(directory: Path) -> list[Migration]:

@@ -118,12 +118,19 @@ async def _drop(running: RunningStack) -> None:
         await conn.close()
 
 
-FAST_SETTINGS = {"ORDER_WAIT": "5", "SAGA_DEADLINE": "8", "SAGA_STEP_TIMEOUT": "2"}
+# Small pools: test stacks share the machine's Postgres (100 connections) with other tests.
+FAST_SETTINGS = {
+    "ORDER_WAIT": "5",
+    "SAGA_DEADLINE": "8",
+    "SAGA_STEP_TIMEOUT": "2",
+    "DB_POOL_MAX": "4",
+}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def e2e_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    """One stack shared by the end-to-end tests (they use distinct orders and customers)."""
+    """One stack shared by a module's end-to-end tests (they use distinct orders), stopped
+    when the module is done so its connections are free for the tests after it."""
     running = start_stack(
         tmp_path_factory.mktemp("stack") / "run", offset=E2E_PORT_OFFSET, settings=FAST_SETTINGS
     )

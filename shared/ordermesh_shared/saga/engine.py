@@ -200,11 +200,7 @@ class SagaEngine:
             await self._end_step(saga_id, step.name, "forward", "failed")
             return f"{step.name} failed: {gave_up}"
         data.update(result or {})
-        async with self._pool.acquire() as conn, conn.transaction():
-            await store.merge_data(conn, saga_id, self.owner, result or {})
-            await store.step_finished(
-                conn, saga_id, step=step.name, direction="forward", status="succeeded"
-            )
+        await self._succeeded(saga_id, step.name, "forward", result or {})
         return None
 
     async def _attempts(self, call: StepCall[Any], step: Step[Any], deadline: float) -> Any:
@@ -226,7 +222,6 @@ class SagaEngine:
                     raise GaveUp(error) from exc
                 await asyncio.sleep(pause)
                 continue
-            await self._attempt(call.saga_id, step.name, "forward", None)
             return result
 
     # -- compensation ----------------------------------------------------------------------
@@ -277,8 +272,7 @@ class SagaEngine:
                 cap = self.policy.compensation_backoff_max
                 await asyncio.sleep(random.uniform(0, min(cap, 0.1 * 2**attempt)))
                 continue
-            await self._attempt(saga_id, step.name, "compensate", None)
-            await self._end_step(saga_id, step.name, "compensate", "succeeded")
+            await self._succeeded(saga_id, step.name, "compensate", {})
             return True
         await self._end_step(saga_id, step.name, "compensate", "failed")
         return False
@@ -294,15 +288,11 @@ class SagaEngine:
         data: dict[str, Any],
     ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await store.load_saga(conn, saga_id)
-            first_reason = row.failure_reason if row is not None else None
-            await store.set_status(conn, saga_id, self.owner, status, reason)
+            first_reason = await store.set_status(conn, saga_id, self.owner, status, reason)
             if definition.on_finish is not None:
-                outcome = SagaOutcome(saga_id, status, first_reason or reason, data)
+                outcome = SagaOutcome(saga_id, status, first_reason, data)
                 await definition.on_finish(conn, outcome)
-        log.info(
-            "saga.finished", saga_id=str(saga_id), status=status, reason=first_reason or reason
-        )
+        log.info("saga.finished", saga_id=str(saga_id), status=status, reason=first_reason)
 
     async def _set_status(self, saga_id: uuid.UUID, status: str, reason: str) -> None:
         async with self._pool.acquire() as conn:
@@ -314,12 +304,20 @@ class SagaEngine:
         async with self._pool.acquire() as conn:
             await store.attempt_made(conn, saga_id, step=step, direction=direction, error=error)
 
+    async def _succeeded(
+        self, saga_id: uuid.UUID, step: str, direction: str, data: dict[str, Any]
+    ) -> None:
+        async with self._pool.acquire() as conn:
+            await store.step_succeeded(
+                conn, saga_id, self.owner, step=step, direction=direction, data=data
+            )
+
     async def _end_step(self, saga_id: uuid.UUID, step: str, direction: str, status: str) -> None:
         async with self._pool.acquire() as conn:
             await store.step_finished(conn, saga_id, step=step, direction=direction, status=status)
 
     async def _write(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire() as conn:
             await fn(conn, *args, **kwargs)
 
     async def _statuses(self, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:

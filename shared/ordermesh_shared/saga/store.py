@@ -74,35 +74,55 @@ async def load_saga(conn: DbConn, saga_id: uuid.UUID) -> SagaRow | None:
     return _row(record) if record is not None else None
 
 
-async def _owned(conn: DbConn, sql: str, saga_id: uuid.UUID, owner: str, *args: Any) -> None:
+async def step_started(
+    conn: DbConn, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, position: int
+) -> None:
+    """Persist "about to run" in one statement (for a forward step: its compensation is now
+    registered, as ``started_steps`` covers it)."""
+    registered = position + 1 if direction == "forward" else 0
     done = await conn.fetchval(
-        sql + " WHERE id = $1 AND owner = $2 RETURNING 1", saga_id, owner, *args
+        "WITH owned AS (UPDATE sagas SET started_steps = GREATEST(started_steps, $3),"
+        "   updated_at = now() WHERE id = $1 AND owner = $2 RETURNING id)"
+        " INSERT INTO saga_steps (saga_id, step, direction, position, status)"
+        " SELECT id, $4, $5, $6, 'started' FROM owned"
+        " ON CONFLICT (saga_id, step, direction) DO UPDATE SET status = 'started'"
+        " RETURNING 1",
+        saga_id,
+        owner,
+        registered,
+        step,
+        direction,
+        position,
     )
     if done is None:
         raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
 
 
-async def step_started(
-    conn: DbConn, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, position: int
+async def step_succeeded(
+    conn: DbConn,
+    saga_id: uuid.UUID,
+    owner: str,
+    *,
+    step: str,
+    direction: str,
+    data: Mapping[str, Any],
 ) -> None:
-    """Persist "about to run" (for a forward step: its compensation is now registered)."""
-    if direction == "forward":
-        await _owned(
-            conn,
-            "UPDATE sagas SET started_steps = GREATEST(started_steps, $3), updated_at = now()",
-            saga_id,
-            owner,
-            position + 1,
-        )
-    await conn.execute(
-        "INSERT INTO saga_steps (saga_id, step, direction, position, status)"
-        " VALUES ($1, $2, $3, $4, 'started')"
-        " ON CONFLICT (saga_id, step, direction) DO UPDATE SET status = 'started'",
+    """Count the successful attempt, mark the step succeeded and keep its results: one
+    statement, so a step's end is recorded whole or not at all."""
+    done = await conn.fetchval(
+        "WITH owned AS (UPDATE sagas SET data = data || $3::jsonb, updated_at = now()"
+        "   WHERE id = $1 AND owner = $2 RETURNING id)"
+        " UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1,"
+        "   finished_at = now()"
+        " WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = $5 RETURNING 1",
         saga_id,
+        owner,
+        json.dumps(dict(data), default=str),
         step,
         direction,
-        position,
     )
+    if done is None:
+        raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
 
 
 async def attempt_made(
@@ -133,30 +153,22 @@ async def step_finished(
     )
 
 
-async def merge_data(conn: DbConn, saga_id: uuid.UUID, owner: str, data: Mapping[str, Any]) -> None:
-    """Add a step's results to the saga's data."""
-    await _owned(
-        conn,
-        "UPDATE sagas SET data = data || $3::jsonb, updated_at = now()",
-        saga_id,
-        owner,
-        json.dumps(dict(data), default=str),
-    )
-
-
 async def set_status(
     conn: DbConn, saga_id: uuid.UUID, owner: str, status: str, reason: str | None
-) -> None:
-    """Move the saga to ``status`` (keeping the first failure reason)."""
-    await _owned(
-        conn,
+) -> str | None:
+    """Move the saga to ``status``, keeping the first failure reason; returns that reason."""
+    row = await conn.fetchrow(
         "UPDATE sagas SET status = $3, failure_reason = COALESCE(failure_reason, $4),"
-        " updated_at = now()",
+        " updated_at = now() WHERE id = $1 AND owner = $2 RETURNING failure_reason",
         saga_id,
         owner,
         status,
         reason,
     )
+    if row is None:
+        raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
+    first: str | None = row["failure_reason"]
+    return first
 
 
 async def step_statuses(conn: DbConn, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:
