@@ -273,9 +273,9 @@ SCENARIOS = {
         ),
         Scenario(
             "random",
-            "seeded random kills and pauses every 3 s",
-            lambda t: random_faults(t, every=3.0, duration=20.0, seed=1),
-            duration=20.0,
+            "seeded random kills and pauses every 5 s for two minutes",
+            lambda t: random_faults(t, every=5.0, duration=120.0, seed=1),
+            duration=120.0,
         ),
     )
 }
