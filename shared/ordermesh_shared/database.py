@@ -77,6 +77,7 @@ class Database:
         self._connect_timeout = connect_timeout
         self._pool: asyncpg.Pool | None = None
         self.migrated = False
+        self.migration_error: str | None = None  # a failure waiting cannot heal
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -113,6 +114,8 @@ class Database:
             raise DatabaseNotReady("pool not open")
         async with self._pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
+        if self.migration_error is not None:
+            raise DatabaseNotReady(f"migrations failed: {self.migration_error}")
         if not self.migrated:
             raise DatabaseNotReady("migrations pending")
 
@@ -221,7 +224,13 @@ async def prepare_database(
             error=str(rs.outcome.exception()) if rs.outcome else "",
         ),
     )
-    async for attempt in retrying:
-        with attempt:
-            applied = await db.migrate(*sets)
+    try:
+        async for attempt in retrying:
+            with attempt:
+                applied = await db.migrate(*sets)
+    except Exception as exc:
+        # Readiness shows why, so an operator need not dig the reason out of the logs.
+        db.migration_error = f"{type(exc).__name__}: {exc}"
+        log.error("database.migration_failed", error=db.migration_error)
+        raise
     log.info("database.migrated", applied=applied)

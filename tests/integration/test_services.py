@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from inventory.app import SPEC as INVENTORY
 from inventory.app import InventorySettings
 from order.app import OrderSettings, order_spec
+from ordermesh_shared.bootstrap import ServiceSpec
 from payment.app import SPEC as PAYMENT
 from payment.app import PaymentSettings
 from shipping.app import SPEC as SHIPPING
@@ -127,3 +129,21 @@ async def test_metrics_count_requests_by_route(fresh_database: str) -> None:
         await client.get("/products/KB-101")
         text = (await client.get("/metrics")).text
         assert 'http_requests_total{method="GET",route="/products/{sku}",status="200"} 1.0' in text
+
+
+async def test_a_broken_migration_is_named_by_readiness(
+    fresh_database: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_broken.sql").write_text("CREATE TABLE oops (id int PRIMARY KEY")
+    spec = ServiceSpec(name="inventory", title="broken", migrations=tmp_path)
+    settings = InventorySettings(database_url=fresh_database, port=18001)
+    async with running(spec, settings, InMemoryRegistry()) as client:
+        async with asyncio.timeout(10):
+            while (
+                "failed"
+                not in (body := (await client.get("/health/ready")).json())["checks"]["database"]
+            ):
+                await asyncio.sleep(0.05)
+        assert body["checks"]["database"].startswith(
+            "DatabaseNotReady: migrations failed: PostgresSyntaxError"
+        )
