@@ -234,3 +234,18 @@ async def test_restarted_instance_takes_back_its_sagas_without_waiting(pool: asy
         async with asyncio.timeout(3):
             while (await saga_status(pool, saga_id))[0] != "completed":
                 await asyncio.sleep(0.05)
+
+
+async def test_a_saga_whose_task_died_is_resumed_by_its_own_process(pool: asyncpg.Pool) -> None:
+    world = World()
+    definition = world.definition()
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = uuid.uuid4()
+        async with pool.acquire() as conn, conn.transaction():
+            await engine.create(conn, definition, saga_id, Trip("Faro"))
+        # Never launched, as if its task had died on a database error: the heartbeat keeps
+        # the lease fresh, so only the owner itself can notice and resume it.
+        async with asyncio.timeout(5):
+            while (await saga_status(pool, saga_id))[0] != "completed":
+                await asyncio.sleep(0.05)
+    assert world.calls == ["flight", "hotel", "car"]

@@ -345,8 +345,18 @@ class SagaEngine:
             claimed = await store.claim_orphans(
                 conn, self.owner, instance=self.instance, ttl=self.policy.lease_ttl
             )
+            # A saga whose task died here (say Postgres went away mid-step) keeps this
+            # process's lease alive through the heartbeat: nobody else would ever take it.
+            stranded = [
+                saga_id
+                for saga_id in await store.own_unfinished(conn, self.owner)
+                if saga_id not in self._running and saga_id not in claimed
+            ]
         for saga_id in claimed:
             log.info("saga.recovered", saga_id=str(saga_id))
+            self.launch(saga_id)
+        for saga_id in stranded:
+            log.info("saga.resumed", saga_id=str(saga_id))
             self.launch(saga_id)
 
 

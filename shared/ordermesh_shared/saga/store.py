@@ -217,6 +217,15 @@ async def claim_orphans(
     return [r["id"] for r in rows]
 
 
+async def own_unfinished(conn: DbConn, owner: str) -> list[uuid.UUID]:
+    """Unfinished sagas this very process owns (some may have no task running any more)."""
+    rows = await conn.fetch(
+        "SELECT id FROM sagas WHERE owner = $1 AND status IN ('running', 'compensating')",
+        owner,
+    )
+    return [r["id"] for r in rows]
+
+
 async def reopen_parked(conn: DbConn, saga_id: uuid.UUID, owner: str, ttl: float) -> bool:
     """Put a parked (compensation_failed) saga back to compensating, owned by ``owner``."""
     done = await conn.fetchval(
