@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import secrets
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Header, HTTPException
+from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-ADMIN_TOKEN_HEADER = "X-Admin-Token"
+from ordermesh_shared.admin import ADMIN_TOKEN_HEADER, check_admin_token
+
 EXEMPT_PREFIXES = ("/health/", "/metrics", "/admin/")
 
 
@@ -126,11 +126,7 @@ def fault_router(faults: Faults, *, admin_token: SecretStr) -> APIRouter:
     def require_admin(
         token: Annotated[str | None, Header(alias=ADMIN_TOKEN_HEADER)] = None,
     ) -> None:
-        if token is None:
-            raise HTTPException(401, f"missing {ADMIN_TOKEN_HEADER} header")
-        expected = admin_token.get_secret_value()
-        if not secrets.compare_digest(token.encode(), expected.encode()):
-            raise HTTPException(403, f"wrong {ADMIN_TOKEN_HEADER}")
+        check_admin_token(token, admin_token)
 
     router = APIRouter(
         prefix="/admin/faults", tags=["admin"], dependencies=[Depends(require_admin)]
