@@ -34,10 +34,10 @@ import httpx
 import structlog
 import uvicorn
 from fastapi import FastAPI
+from ordermesh_shared.admin import ADMIN_TOKEN_HEADER
 from ordermesh_shared.config import DEFAULT_ADMIN_TOKEN
 from ordermesh_shared.discovery import ServiceInstance
 from ordermesh_shared.faults import (
-    ADMIN_TOKEN_HEADER,
     FaultInjectionMiddleware,
     Faults,
     fault_router,
