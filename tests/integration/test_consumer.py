@@ -49,14 +49,6 @@ async def db(fresh_database: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def broker(rabbit_vhost: str) -> AsyncIterator[Broker]:
-    async with Broker(rabbit_vhost, name="test") as connected:
-        async with asyncio.timeout(10):
-            await connected.connected.wait()
-        yield connected
-
-
-@pytest.fixture
 async def channel(broker: Broker) -> AsyncIterator[AbstractChannel]:
     opened = await broker.connection.channel()
     yield opened

@@ -95,14 +95,6 @@ async def db(fresh_database: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def broker(rabbit_vhost: str) -> AsyncIterator[Broker]:
-    async with Broker(rabbit_vhost, name="test") as connected:
-        async with asyncio.timeout(10):
-            await connected.connected.wait()
-        yield connected
-
-
-@pytest.fixture
 async def consumer(db: Database, broker: Broker) -> AsyncIterator[EventConsumer]:
     running = EventConsumer(db, broker, Subscription("shop.effects", ["shop.*"], apply_effect))
     task = asyncio.create_task(running.run())

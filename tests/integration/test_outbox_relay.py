@@ -53,14 +53,6 @@ async def db(fresh_database: str) -> AsyncIterator[Database]:
         yield database
 
 
-@pytest.fixture
-async def broker(rabbit_vhost: str) -> AsyncIterator[Broker]:
-    async with Broker(rabbit_vhost, name="test") as connected:
-        async with asyncio.timeout(10):
-            await connected.connected.wait()
-        yield connected
-
-
 async def commit_event(db: Database, thing: str, event_type: str = "updated") -> uuid.UUID:
     """A business transaction: bump the thing's version (locking it), record the event."""
     async with db.pool.acquire() as conn, conn.transaction():

@@ -15,6 +15,7 @@ it started (RabbitMQ's own epmd would outlive it). Starting takes ~3-5 s.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
@@ -25,13 +26,14 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 from urllib.parse import quote
 
 import pytest
+from ordermesh_shared.broker import Broker
 
 from tests.support.etcd import free_ports
 
@@ -256,3 +258,12 @@ def rabbit_vhost() -> Iterator[str]:
         yield f"{base}/{quote(vhost, safe='')}"
     finally:
         _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+async def broker(rabbit_vhost: str) -> AsyncIterator[Broker]:
+    """A connected :class:`Broker` on this test's own vhost."""
+    async with Broker(rabbit_vhost, name="test") as connected:
+        async with asyncio.timeout(10):
+            await connected.connected.wait()
+        yield connected
