@@ -56,8 +56,10 @@ async def channel(broker: Broker) -> AsyncIterator[AbstractChannel]:
 
 
 @asynccontextmanager
-async def consuming(db: Database, broker: Broker) -> AsyncIterator[EventConsumer]:
-    subscription = Subscription(QUEUE, ["shop.*"], apply_effect, max_deliveries=3, retry_delay=0.02)
+async def consuming(db: Database, broker: Broker, **options: Any) -> AsyncIterator[EventConsumer]:
+    subscription = Subscription(
+        QUEUE, ["shop.*"], apply_effect, max_deliveries=3, retry_delay=0.02, **options
+    )
     consumer = EventConsumer(db, broker, subscription)
     task = asyncio.create_task(consumer.run())
     try:
@@ -186,3 +188,44 @@ async def _get(queue: AbstractQueue) -> AbstractIncomingMessage:
         while (message := await queue.get(fail=False)) is None:
             await asyncio.sleep(0.02)
     return message
+
+
+async def queued(channel: AbstractChannel, messages: list[aio_pika.Message]) -> None:
+    """Publish before anyone consumes, so the consumer receives them all at once."""
+    await declare_consumer_queue(channel, Topology(), QUEUE, ["shop.*"], max_deliveries=3)
+    for message in messages:
+        await publish(channel, message)
+
+
+async def test_waiting_messages_are_applied_in_batches_each_once(
+    db: Database, broker: Broker, channel: AbstractChannel
+) -> None:
+    events = [outgoing({"n": i}, sequence=i) for i in range(40)]
+    messages = [encode_event(e, service="shop") for e in events]
+    await queued(channel, [*messages[:20], messages[5], *messages[20:]])  # one published twice
+    async with consuming(db, broker, concurrency=1) as consumer:
+        await eventually(lambda: _settled(consumer, 41))
+    # One lane: the order of arrival is the order of application.
+    assert await effects(db) == [str(e.id) for e in events]
+    assert consumer.counts == {"applied": 40, "duplicate": 1}
+    async with db.pool.acquire() as conn:
+        commits = await conn.fetchval("SELECT count(DISTINCT received_at) FROM inbox")
+    assert commits < 40  # rows of one transaction share its now(): some commits held many
+
+
+async def test_a_poison_message_does_not_sink_its_batch(
+    db: Database, broker: Broker, channel: AbstractChannel
+) -> None:
+    fine = [outgoing({"n": i}, sequence=i) for i in range(10)]
+    poison = outgoing({"poison": True}, aggregate="bad")
+    messages = [encode_event(e, service="shop") for e in fine]
+    junk = aio_pika.Message(b"not a cloudevent", message_id="junk-2")
+    await queued(
+        channel, [*messages[:4], encode_event(poison, service="shop"), junk, *messages[4:]]
+    )
+    async with consuming(db, broker, concurrency=1) as consumer:
+        dead = await dead_letters(channel, 2)
+        await eventually(lambda: _settled(consumer, 12))
+    assert sorted(m.message_id for m in dead) == sorted([str(poison.id), "junk-2"])
+    assert await effects(db) == [str(e.id) for e in fine]
+    assert consumer.counts == {"applied": 10, "retried": 2, "dead_lettered": 2}

@@ -9,13 +9,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from ordermesh_shared.admin import ADMIN_RESPONSES, RequireAdmin
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.errors import Conflict, NotFound, ServiceError
 from ordermesh_shared.idempotency import KeyReused, request_hash
-from ordermesh_shared.saga.store import step_log
+from ordermesh_shared.saga.store import SagaRow
 from pydantic import BaseModel, Field
 
 from order import store
@@ -93,19 +94,22 @@ async def place_order(
 ) -> JSONResponse:
     runtime = order_runtime(ctx)
     fingerprint = request_hash(body, path="/orders")
-    order_id, created = await _create_or_find(ctx, body, key, fingerprint)
-    if created:
-        runtime.engine.launch(order_id)
+    order_id, saga = await _create_or_find(ctx, body, key, fingerprint)
+    if saga is not None:
+        runtime.engine.launch(order_id, saga)
     await runtime.engine.wait(order_id, timeout=runtime.wait)
     order = await load_order(ctx, order_id)
     return _placed(
-        order, created=created, location=str(request.url_for("get_order", order_id=order_id))
+        order,
+        created=saga is not None,
+        location=str(request.url_for("get_order", order_id=order_id)),
     )
 
 
 async def _create_or_find(
     ctx: Ctx, body: PlaceOrderRequest, key: str | None, fingerprint: str
-) -> tuple[uuid.UUID, bool]:
+) -> tuple[uuid.UUID, SagaRow | None]:
+    """The new order and its saga (to launch), or the order this key created earlier."""
     runtime = order_runtime(ctx)
     order_id = uuid.uuid4()
     async with ctx.db.pool.acquire() as conn, conn.transaction():
@@ -113,14 +117,14 @@ async def _create_or_find(
             conn, order_id, body, idempotency_key=key, request_hash=fingerprint
         ):
             saga_input = PlaceOrder.from_request(order_id, body)
-            await runtime.engine.create(conn, runtime.definition, order_id, saga_input)
+            saga = await runtime.engine.create(conn, runtime.definition, order_id, saga_input)
             await store.order_event(conn, order_id, "created", body.model_dump(mode="json"))
-            return order_id, True
+            return order_id, saga
         existing = await store.order_for_key(conn, key or "")
     assert existing is not None
     if existing["request_hash"] != fingerprint:
         raise KeyReused(f"Idempotency-Key {key!r} was already used for a different order")
-    return existing["id"], False
+    return existing["id"], None
 
 
 def _placed(order: Order, *, created: bool, location: str) -> JSONResponse:
@@ -143,19 +147,19 @@ async def get_order(ctx: Ctx, order_id: uuid.UUID) -> Order:
 async def load_order(ctx: Ctx, order_id: uuid.UUID) -> Order:
     """An order with its lines and step log."""
     async with ctx.db.pool.acquire() as conn:
-        row = await store.get_order(conn, order_id)
-        if row is None:
-            raise NotFound(f"no order with id {order_id}")
-        items = await store.get_order_items(conn, order_id)
-        steps = await step_log(conn, order_id)
-    return _order(row, items, steps)
+        row = await store.get_full_order(conn, order_id)
+    if row is None:
+        raise NotFound(f"no order with id {order_id}")
+    return _order(row)
 
 
-def _order(row: Any, items: list[Any], steps: list[Any]) -> Order:
+def _order(row: Any) -> Order:
+    fields = dict(row)
+    items, steps = orjson.loads(fields.pop("items")), orjson.loads(fields.pop("steps"))
     return Order(
-        **dict(row),
-        items=[OrderItem(**dict(i)) for i in items],
-        steps=[SagaStep(**dict(s)) for s in steps],
+        **fields,
+        items=[OrderItem(**i) for i in items],
+        steps=[SagaStep(**s) for s in steps],
     )
 
 
@@ -176,10 +180,7 @@ async def list_orders(
         rows = await store.list_orders(
             conn, status=status, customer_id=customer_id, after=after, limit=limit
         )
-        orders = [
-            _order(r, await store.get_order_items(conn, r["id"]), await step_log(conn, r["id"]))
-            for r in rows
-        ]
+    orders = [_order(r) for r in rows]
     more = len(rows) == limit
     return OrderPage(orders=orders, next_cursor=_encode_cursor(rows[-1]) if more else None)
 

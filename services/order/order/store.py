@@ -63,12 +63,25 @@ async def get_order(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = $1", order_id)
 
 
-async def get_order_items(conn: DbConn, order_id: uuid.UUID) -> list[asyncpg.Record]:
-    """The lines of one order, by SKU."""
-    return await conn.fetch(
-        "SELECT sku, quantity, unit_price FROM order_items WHERE order_id = $1 ORDER BY sku",
-        order_id,
-    )
+# An order with its lines and its saga's step log (the saga tables live in this database
+# too) as JSON columns: one round trip for what the API shows.
+_FULL_ORDER = (
+    f"SELECT {_ORDER_COLUMNS},"
+    " (SELECT coalesce(json_agg(json_build_object('sku', i.sku, 'quantity', i.quantity,"
+    "     'unit_price', i.unit_price::text) ORDER BY i.sku), '[]')"
+    "   FROM order_items i WHERE i.order_id = o.id)::text AS items,"
+    " (SELECT coalesce(json_agg(json_build_object('step', s.step, 'direction', s.direction,"
+    "     'status', s.status, 'attempts', s.attempts, 'last_error', s.last_error,"
+    "     'started_at', s.started_at, 'finished_at', s.finished_at)"
+    "     ORDER BY s.started_at, s.direction DESC), '[]')"
+    "   FROM saga_steps s WHERE s.saga_id = o.id)::text AS steps"
+    " FROM orders o"
+)
+
+
+async def get_full_order(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
+    """One order with ``items`` and ``steps`` (JSON text), or None."""
+    return await conn.fetchrow(f"{_FULL_ORDER} WHERE o.id = $1", order_id)
 
 
 async def list_orders(
@@ -79,9 +92,10 @@ async def list_orders(
     after: tuple[datetime, uuid.UUID] | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    """Newest first, filtered; ``after`` is the (created_at, id) of the previous page's end."""
+    """Newest first, filtered, with ``items`` and ``steps`` as in :func:`get_full_order`;
+    ``after`` is the (created_at, id) of the previous page's end."""
     return await conn.fetch(
-        f"SELECT {_ORDER_COLUMNS} FROM orders"
+        f"{_FULL_ORDER}"
         " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR customer_id = $2)"
         "   AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))"
         " ORDER BY created_at DESC, id DESC LIMIT $5",
@@ -102,18 +116,19 @@ async def finish_order(
     reason: str | None,
     prices: Mapping[str, Any],
 ) -> None:
-    """Record the saga's outcome on the order."""
+    """Record the saga's outcome on the order and the unit prices on its lines."""
     await conn.execute(
-        "UPDATE orders SET status = $2, total = COALESCE($3, total), failure_reason = $4,"
-        " updated_at = now() WHERE id = $1",
+        "WITH header AS (UPDATE orders SET status = $2, total = COALESCE($3, total),"
+        "   failure_reason = $4, updated_at = now() WHERE id = $1)"
+        " UPDATE order_items i SET unit_price = p.price"
+        " FROM unnest($5::text[], $6::numeric[]) AS p(sku, price)"
+        " WHERE i.order_id = $1 AND i.sku = p.sku",
         order_id,
         status,
         total,
         reason if status != "completed" else None,
-    )
-    await conn.executemany(
-        "UPDATE order_items SET unit_price = $3 WHERE order_id = $1 AND sku = $2",
-        [(order_id, sku, Decimal(str(price))) for sku, price in prices.items()],
+        list(prices),
+        [Decimal(str(price)) for price in prices.values()],
     )
 
 

@@ -16,6 +16,7 @@ payload); an event that names no order is acknowledged and skipped.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -63,28 +64,44 @@ def order_id_of(event: Event) -> uuid.UUID | None:
 
 async def record_timeline_event(conn: DbConn, event: Event) -> None:
     """The consumer's handler: one timeline row per event, in the inbox's transaction."""
-    order_id = order_id_of(event)
-    if order_id is None:
-        log.debug("timeline.no_order", event_id=event.id, type=event.type)
+    await record_timeline_events(conn, [event])
+
+
+async def record_timeline_events(conn: DbConn, events: Sequence[Event]) -> None:
+    """The consumer's batch handler: the batch's timeline rows in one statement."""
+    rows = [(order_id, event) for event in events if (order_id := _order_of(event)) is not None]
+    if not rows:
         return
     await conn.execute(
         "INSERT INTO order_timeline (event_id, order_id, service, event_type, aggregate_type,"
-        " sequence, occurred_at, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)"
+        " sequence, occurred_at, data)"
+        " SELECT i, o, s, t, a, q, w, d::jsonb FROM unnest($1::text[], $2::uuid[], $3::text[],"
+        "   $4::text[], $5::text[], $6::bigint[], $7::timestamptz[], $8::text[])"
+        "   AS e(i, o, s, t, a, q, w, d)"
         " ON CONFLICT (event_id) DO NOTHING",
-        event.id,
-        order_id,
-        event.service,
-        event.event_type,
-        event.aggregate_type,
-        event.sequence,
-        event.time,
-        orjson.dumps(event.data).decode(),
+        [event.id for _, event in rows],
+        [order_id for order_id, _ in rows],
+        [event.service for _, event in rows],
+        [event.event_type for _, event in rows],
+        [event.aggregate_type for _, event in rows],
+        [event.sequence for _, event in rows],
+        [event.time for _, event in rows],
+        [orjson.dumps(event.data).decode() for _, event in rows],
     )
+
+
+def _order_of(event: Event) -> uuid.UUID | None:
+    order_id = order_id_of(event)
+    if order_id is None:
+        log.debug("timeline.no_order", event_id=event.id, type=event.type)
+    return order_id
 
 
 def timeline_subscription() -> Subscription:
     """Every event of every service (the timeline wants them all)."""
-    return Subscription(TIMELINE_QUEUE, ["#"], record_timeline_event)
+    return Subscription(
+        TIMELINE_QUEUE, ["#"], record_timeline_event, batch_handler=record_timeline_events
+    )
 
 
 def start_timeline(ctx: ServiceContext) -> EventConsumer:

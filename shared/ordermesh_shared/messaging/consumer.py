@@ -6,6 +6,12 @@ For every message::
     BEGIN; INSERT INTO inbox ... ON CONFLICT DO NOTHING; handler(conn, event) if new; COMMIT
     ack                                       (only after the commit)
 
+Messages that are already waiting when a lane gets to them are applied together, in one
+transaction (one inbox insert for all, then the handler for each new one, or the
+subscription's ``batch_handler`` once): under load a lane pays one commit for many events
+instead of one each. If anything in a batch fails, the whole batch rolls back and its
+messages are applied one at a time as above, so one bad message cannot hold up the others.
+
 A redelivered message (the broker restarted before our ack arrived, or the relay published it
 twice) finds its id in the inbox and is acknowledged without running the handler again.
 
@@ -50,6 +56,7 @@ from ordermesh_shared.messaging.topology import (
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[DbConn, Event], Awaitable[None]]
+BatchHandler = Callable[[DbConn, Sequence[Event]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +64,16 @@ class Subscription:
     """A consumer's queue, what it is bound to, and what applies each event.
 
     >>> Subscription("order.timeline", ["#"], record_timeline_event, max_deliveries=5)
+
+    ``batch_handler``, when given, applies a batch's new events in one call (say, one
+    multi-row insert); ``handler`` still applies a message retried on its own.
     """
 
     queue: str
     bindings: Sequence[str]
     handler: Handler
+    batch_handler: BatchHandler | None = None
+    batch_size: int = 50  # messages a lane applies in one transaction, at most
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     prefetch: int = 100
     concurrency: int = 8  # lanes (each commits on its own); one aggregate stays in one lane
@@ -168,16 +180,62 @@ class EventConsumer:
 
     async def _drain(self, lane: _Lane) -> None:
         while True:
-            message = await lane.messages.get()
-            await self._handle(message)
+            batch = [await lane.messages.get()]
+            while len(batch) < self.subscription.batch_size and not lane.messages.empty():
+                batch.append(lane.messages.get_nowait())
+            await self._handle_batch(batch)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle_batch(self, batch: list[AbstractIncomingMessage]) -> None:
+        readable = [
+            (message, event)
+            for message in batch
+            if (event := await self._decode_or_dead_letter(message)) is not None
+        ]
+        if len(readable) > 1:
+            try:
+                fresh = await self._apply_batch([event for _, event in readable])
+            except Exception as exc:
+                # One at a time instead: each message gets its own retries and verdict.
+                log.info("consumer.batch_failed", size=len(readable), error=repr(exc))
+            else:
+                for message, event in readable:
+                    outcome = "applied" if fresh.pop(event.id, False) else "duplicate"
+                    await self._settle(message, outcome, ack=True)
+                return
+        for message, event in readable:
+            await self._handle(message, event)
+
+    async def _decode_or_dead_letter(self, message: AbstractIncomingMessage) -> Event | None:
         try:
-            event = decode_event(message)
+            return decode_event(message)
         except BadEnvelope as exc:
             log.error("consumer.unreadable", message_id=message.message_id, error=str(exc))
             await self._settle(message, "dead_lettered")
-            return
+            return None
+
+    async def _apply_batch(self, events: list[Event]) -> dict[str, bool]:
+        """Apply the new ones among ``events`` in one transaction; their ids -> True."""
+        sub = self.subscription
+        async with self._db.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "INSERT INTO inbox (consumer, message_id, event_type, source)"
+                " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])"
+                " ON CONFLICT DO NOTHING RETURNING message_id",
+                sub.queue,
+                [e.id for e in events],
+                [e.type for e in events],
+                [e.source for e in events],
+            )
+            fresh = {row["message_id"]: True for row in rows}
+            new = _first_copies(events, fresh)
+            if sub.batch_handler is not None:
+                await sub.batch_handler(conn, new)
+            else:
+                for event in new:
+                    await sub.handler(conn, event)
+        return fresh
+
+    async def _handle(self, message: AbstractIncomingMessage, event: Event) -> None:
         attempt = _delivery_count(message)
         while True:
             attempt += 1
@@ -252,6 +310,17 @@ class EventConsumer:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         if self._metrics is not None:
             self._metrics.consumed.labels(self.subscription.queue, outcome).inc()
+
+
+def _first_copies(events: Sequence[Event], fresh: dict[str, bool]) -> list[Event]:
+    # The same event twice in one batch (the relay published it twice): the first copy counts.
+    seen: set[str] = set()
+    new = []
+    for event in events:
+        if event.id in fresh and event.id not in seen:
+            seen.add(event.id)
+            new.append(event)
+    return new
 
 
 def _delivery_count(message: AbstractIncomingMessage) -> int:

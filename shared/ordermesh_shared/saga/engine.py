@@ -20,7 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -99,23 +99,29 @@ class SagaEngine:
 
     async def create(
         self, conn: DbConn, definition: SagaDefinition[Any], saga_id: uuid.UUID, value: Any
-    ) -> None:
-        """Persist a new saga in the caller's transaction; :meth:`launch` it after commit."""
+    ) -> SagaRow:
+        """Persist a new saga in the caller's transaction; :meth:`launch` it after commit
+        (passing the row returned here saves re-reading it)."""
+        payload = definition.encode(value)
         await store.insert_saga(
             conn,
             saga_id,
             definition.name,
-            definition.encode(value),
+            payload,
             owner=self.owner,
             ttl=self.policy.lease_ttl,
         )
+        return SagaRow(saga_id, definition.name, "running", dict(payload), {}, 0, None)
 
-    def launch(self, saga_id: uuid.UUID) -> None:
-        """Run the saga in the background (no-op if it already runs in this process)."""
+    def launch(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
+        """Run the saga in the background (no-op if it already runs in this process).
+
+        ``created``: what :meth:`create` returned, when this process just created it.
+        """
         if saga_id in self._running:
             return
         self._finished.setdefault(saga_id, asyncio.Event())
-        task = asyncio.create_task(self._run(saga_id), name=f"saga-{saga_id}")
+        task = asyncio.create_task(self._run(saga_id, created), name=f"saga-{saga_id}")
         self._running[saga_id] = task
         task.add_done_callback(lambda t: self._done(saga_id, t))
 
@@ -138,15 +144,16 @@ class SagaEngine:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("saga.crashed", saga_id=str(saga_id), exc_info=exc)
 
-    async def _run(self, saga_id: uuid.UUID) -> None:
+    async def _run(self, saga_id: uuid.UUID, created: SagaRow | None) -> None:
         try:
-            async with self._pool.acquire() as conn:
-                saga = await store.load_saga(conn, saga_id)
+            saga = created or await self._load(saga_id)
             if saga is None or saga.status in TERMINAL:
                 return
             definition = self._definitions[saga.name]
             if saga.status == "running":
-                saga = await self._forward(definition, saga)
+                # A saga just created has no step log yet: nothing to read back.
+                statuses = {} if created else await self._statuses(saga_id)
+                saga = await self._forward(definition, saga, statuses)
             if saga.status == "compensating":
                 await self._shielded_compensation(definition, saga)
         except LostOwnership:
@@ -155,53 +162,66 @@ class SagaEngine:
             self._finished.setdefault(saga_id, asyncio.Event()).set()
             self._finished.pop(saga_id, None)
 
+    async def _load(self, saga_id: uuid.UUID) -> SagaRow | None:
+        async with self._pool.acquire() as conn:
+            return await store.load_saga(conn, saga_id)
+
     # -- forward ---------------------------------------------------------------------------
 
-    async def _forward(self, definition: SagaDefinition[Any], saga: SagaRow) -> SagaRow:
+    async def _forward(
+        self,
+        definition: SagaDefinition[Any],
+        saga: SagaRow,
+        statuses: dict[tuple[str, str], str],
+    ) -> SagaRow:
         value = definition.decode(saga.input)
         data = dict(saga.data)
         deadline = time.monotonic() + self.policy.forward_deadline
-        statuses = await self._statuses(saga.id)
+        done: _Done | None = None  # the step that just succeeded, recorded with the next start
         for position, step in enumerate(definition.steps):
             if statuses.get((step.name, "forward")) == "succeeded":
                 continue
-            outcome = await self._forward_step(saga.id, step, position, value, data, deadline)
-            if outcome is not None:
-                await self._set_status(saga.id, "compensating", outcome)
+            await self._step_starts(saga.id, step.name, position, done)
+            call = StepCall(saga.id, step.name, f"{saga.id}:{step.name}", value, dict(data))
+            try:
+                result = await self._attempts(call, step, deadline) or {}
+            except (StepFailed, GaveUp) as failure:
+                await self._stop_forward(saga.id, step.name, failure)
                 return replace(saga, status="compensating", data=data)
-        await self._finish(definition, saga.id, "completed", None, data)
+            data.update(result)
+            done = _Done(step.name, result)
+        await self._finish(definition, saga.id, "completed", None, data, done=done)
         return replace(saga, status="completed", data=data)
 
-    async def _forward_step(
-        self,
-        saga_id: uuid.UUID,
-        step: Step[Any],
-        position: int,
-        value: Any,
-        data: dict[str, Any],
-        deadline: float,
-    ) -> str | None:
-        """Run one step; returns None on success, else the failure reason."""
-        await self._write(
-            store.step_started,
-            saga_id,
-            self.owner,
-            step=step.name,
-            direction="forward",
-            position=position,
-        )
-        call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}", value, dict(data))
-        try:
-            result = await self._attempts(call, step, deadline)
-        except StepFailed as failure:
-            await self._end_step(saga_id, step.name, "forward", "rejected")
-            return f"{failure.reason}: {failure.detail}"
-        except GaveUp as gave_up:
-            await self._end_step(saga_id, step.name, "forward", "failed")
-            return f"{step.name} failed: {gave_up}"
-        data.update(result or {})
-        await self._succeeded(saga_id, step.name, "forward", result or {})
-        return None
+    async def _step_starts(
+        self, saga_id: uuid.UUID, step: str, position: int, done: _Done | None
+    ) -> None:
+        async with self._pool.acquire() as conn:
+            if done is None:
+                await store.step_started(
+                    conn, saga_id, self.owner, step=step, direction="forward", position=position
+                )
+            else:
+                await store.step_advanced(
+                    conn,
+                    saga_id,
+                    self.owner,
+                    done=done.step,
+                    data=done.data,
+                    step=step,
+                    position=position,
+                )
+
+    async def _stop_forward(
+        self, saga_id: uuid.UUID, step: str, failure: StepFailed | GaveUp
+    ) -> None:
+        """The step was refused (rejected) or kept failing (failed): compensate from here."""
+        if isinstance(failure, StepFailed):
+            status, reason = "rejected", f"{failure.reason}: {failure.detail}"
+        else:
+            status, reason = "failed", f"{step} failed: {failure}"
+        await self._end_step(saga_id, step, "forward", status)
+        await self._set_status(saga_id, "compensating", reason)
 
     async def _attempts(self, call: StepCall[Any], step: Step[Any], deadline: float) -> Any:
         """Retry faults with jittered backoff until the deadline (at least one attempt)."""
@@ -286,8 +306,14 @@ class SagaEngine:
         status: str,
         reason: str | None,
         data: dict[str, Any],
+        *,
+        done: _Done | None = None,
     ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
+            if done is not None:  # the last step's success, committed with the end
+                await store.step_succeeded(
+                    conn, saga_id, self.owner, step=done.step, direction="forward", data=done.data
+                )
             first_reason = await store.set_status(conn, saga_id, self.owner, status, reason)
             if definition.on_finish is not None:
                 outcome = SagaOutcome(saga_id, status, first_reason, data)
@@ -358,6 +384,14 @@ class SagaEngine:
         for saga_id in stranded:
             log.info("saga.resumed", saga_id=str(saga_id))
             self.launch(saga_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """A forward step that succeeded, and its results, not yet written."""
+
+    step: str
+    data: dict[str, Any]
 
 
 def _needs_undo(step: Step[Any], statuses: dict[tuple[str, str], str]) -> bool:

@@ -125,6 +125,41 @@ async def step_succeeded(
         raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
 
 
+async def step_advanced(
+    conn: DbConn,
+    saga_id: uuid.UUID,
+    owner: str,
+    *,
+    done: str,
+    data: Mapping[str, Any],
+    step: str,
+    position: int,
+) -> None:
+    """Forward step ``done`` succeeded (with ``data``) and ``step`` is about to run: the
+    end of one step and the start of the next in one statement (one round trip, all or
+    nothing)."""
+    ok = await conn.fetchval(
+        "WITH owned AS (UPDATE sagas SET data = data || $3::jsonb,"
+        "   started_steps = GREATEST(started_steps, $6 + 1), updated_at = now()"
+        "   WHERE id = $1 AND owner = $2 RETURNING id),"
+        " done AS (UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1,"
+        "   finished_at = now()"
+        "   WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = 'forward')"
+        " INSERT INTO saga_steps (saga_id, step, direction, position, status)"
+        " SELECT id, $5, 'forward', $6, 'started' FROM owned"
+        " ON CONFLICT (saga_id, step, direction) DO UPDATE SET status = 'started'"
+        " RETURNING 1",
+        saga_id,
+        owner,
+        json.dumps(dict(data), default=str),
+        done,
+        step,
+        position,
+    )
+    if ok is None:
+        raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
+
+
 async def attempt_made(
     conn: DbConn, saga_id: uuid.UUID, *, step: str, direction: str, error: str | None
 ) -> None:
