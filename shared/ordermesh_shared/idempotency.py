@@ -3,11 +3,15 @@
 A participant's state-changing endpoint runs its effect through :func:`run_once`. The first
 call with a key performs the effect and stores the answer (success or business rejection);
 every later call with that key gets the stored answer without touching anything. Concurrent
-calls with one key are serialised by a transaction-scoped advisory lock, so exactly one runs.
+calls with one key are serialised by a transaction-scoped advisory lock, and the key's primary
+key backs it up: exactly one call's effect commits, the others get its answer.
 
 >>> @router.post("/payments")
 ... async def charge(body: ChargeRequest, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
-...     return await run_once(ctx.db.pool, key, body, lambda conn: charge_customer(conn, body))
+...     return await run_once(
+...         ctx.db.pool, key, fingerprint=request_hash(body, path="/payments"),
+...         effect=lambda conn: charge_customer(conn, body),
+...     )
 """
 
 from __future__ import annotations
@@ -56,22 +60,57 @@ async def run_once(
     pool: asyncpg.Pool, key: str, *, fingerprint: str, effect: Effect
 ) -> JSONResponse:
     """Run ``effect`` once per key; a business rejection (ServiceError) is stored like a success."""
-    async with pool.acquire() as conn, conn.transaction():
-        stored = await _lock_and_load(conn, key, fingerprint)
-        if stored is not None:
+    async with pool.acquire() as conn:
+        try:
+            return await _first_call(conn, key, fingerprint, effect)
+        except _AnsweredMeanwhile:
+            # A concurrent call with this key committed its answer after our first read
+            # (see _lock_and_load); our effect was rolled back and that answer stands.
+            async with conn.transaction():
+                stored = await _lock_and_load(conn, key, fingerprint)
+            assert stored is not None
             return stored
-        status, body = await _attempt(conn, effect)
-        await _remember(conn, key, fingerprint, status, body)
+
+
+class _AnsweredMeanwhile(Exception):
+    """The key's answer was stored by a concurrent call while this one ran."""
+
+
+async def _first_call(conn: DbConn, key: str, fingerprint: str, effect: Effect) -> JSONResponse:
+    try:
+        async with conn.transaction():
+            stored = await _lock_and_load(conn, key, fingerprint)
+            if stored is not None:
+                return stored
+            status, body = await effect(conn)
+            body = jsonable_encoder(body)
+            await _remember(conn, key, fingerprint, status, body)
+    except KeyReused:
+        raise
+    except ServiceError as exc:
+        # A business "no": the rollback undid any partial effect (cheaper than a savepoint
+        # around every effect); the answer alone is stored, so a retry gets the same "no".
+        status, body = exc.status_code, exc.body()
+        async with conn.transaction():
+            stored = await _lock_and_load(conn, key, fingerprint)
+            if stored is not None:
+                return stored
+            await _remember(conn, key, fingerprint, status, body)
     return JSONResponse(body, status_code=status, headers={"Idempotent-Replay": "false"})
 
 
 async def _lock_and_load(conn: DbConn, key: str, fingerprint: str) -> JSONResponse | None:
-    # Serialises concurrent calls with this key until the first one commits its answer.
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+    # The advisory lock serialises concurrent calls with this key until the first one
+    # commits, so the second one's effect sees the first one's. Taking it in the same
+    # statement as the read saves a round trip, but the read then uses the snapshot from
+    # before the wait: a key stored meanwhile shows up as a conflict in _remember instead.
     row = await conn.fetchrow(
-        "SELECT request_hash, status_code, response FROM idempotency_keys WHERE key = $1", key
+        "SELECT k.request_hash, k.status_code, k.response"
+        " FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) AS locked"
+        " LEFT JOIN idempotency_keys k ON k.key = $1",
+        key,
     )
-    if row is None:
+    if row is None or row["request_hash"] is None:
         return None
     if row["request_hash"] != fingerprint:
         raise KeyReused(f"Idempotency-Key {key!r} was already used with a different request")
@@ -79,22 +118,14 @@ async def _lock_and_load(conn: DbConn, key: str, fingerprint: str) -> JSONRespon
     return JSONResponse(body, status_code=row["status_code"], headers={"Idempotent-Replay": "true"})
 
 
-async def _attempt(conn: DbConn, effect: Effect) -> tuple[int, Any]:
-    try:
-        # A savepoint: a rejected command leaves no partial effect, yet its answer is stored.
-        async with conn.transaction():
-            status, body = await effect(conn)
-    except ServiceError as exc:
-        return exc.status_code, exc.body()
-    return status, jsonable_encoder(body)
-
-
 async def _remember(conn: DbConn, key: str, fingerprint: str, status: int, body: Any) -> None:
-    await conn.execute(
+    stored = await conn.fetchval(
         "INSERT INTO idempotency_keys (key, request_hash, status_code, response)"
-        " VALUES ($1, $2, $3, $4)",
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING true",
         key,
         fingerprint,
         status,
         json.dumps(body),
     )
+    if not stored:
+        raise _AnsweredMeanwhile(key)

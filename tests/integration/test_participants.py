@@ -243,3 +243,31 @@ async def test_state_changes_emit_events_and_rejections_emit_none(
         headers=key(),
     )
     assert await outbox_events(inventory, short) == []
+
+
+async def test_racing_retries_of_one_command_take_effect_once(payment: httpx.AsyncClient) -> None:
+    # A saga step retried while the first attempt still runs: same key, same body, at once.
+    headers = key()
+    charge = {"order_id": str(uuid.uuid4()), "customer_id": "carol", "amount": "100.00"}
+    answers = await asyncio.gather(
+        *(payment.post("/payments", json=charge, headers=headers) for _ in range(12))
+    )
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert [a.headers["Idempotent-Replay"] for a in answers].count("false") == 1
+    assert (await payment.get("/customers/carol")).json()["balance"] == "400.00"
+
+
+async def test_racing_retries_of_a_refused_command_get_one_answer(
+    inventory: httpx.AsyncClient,
+) -> None:
+    headers = key()
+    body = {"order_id": str(uuid.uuid4()), "items": [{"sku": "MN-303", "quantity": 31}]}
+    answers = await asyncio.gather(
+        *(inventory.post("/reservations", json=body, headers=headers) for _ in range(12))
+    )
+    assert {(a.status_code, a.json()["reason"]) for a in answers} == {(422, "out_of_stock")}
+    assert [a.headers["Idempotent-Replay"] for a in answers].count("false") == 1
+    assert await stock(inventory, "MN-303") == (30, 0, 0)
+    replay = await inventory.post("/reservations", json=body, headers=headers)
+    assert (replay.status_code, replay.headers["Idempotent-Replay"]) == (422, "true")

@@ -15,21 +15,32 @@ from inventory.domain import Reservation, ReservedLine, ReserveRequest, total_of
 
 
 async def reserve_stock(conn: DbConn, request: ReserveRequest) -> tuple[int, Reservation]:
-    """Hold every line or none (the caller's savepoint undoes a partial reservation)."""
+    """Hold every line or none (a shortage raises, and the rollback undoes the lines held)."""
     existing = await store.lock_reservation(conn, request.order_id)
     if existing is not None:
         return 200, await _refuse_if_released(conn, existing)
     reservation_id = uuid.uuid4()
     await store.insert_reservation(conn, reservation_id, request.order_id, "reserved")
+    lines = []
     # SKU order: two orders racing for the same SKUs lock rows in one order (no deadlock).
     for line in sorted(request.items, key=lambda item: item.sku):
         price = await store.take_stock(conn, line.sku, line.quantity)
         if price is None:
             await _explain_shortage(conn, line.sku, line.quantity)
         await store.insert_item(conn, reservation_id, line.sku, line.quantity, price)
-    reservation = await load_reservation(conn, request.order_id)
+        lines.append(ReservedLine(sku=line.sku, quantity=line.quantity, unit_price=price))
+    reservation = _reservation(reservation_id, request.order_id, "reserved", lines)
     await _event(conn, reservation, "stock_reserved")
     return 201, reservation
+
+
+def _reservation(
+    reservation_id: uuid.UUID, order_id: uuid.UUID, status: str, lines: list[ReservedLine]
+) -> Reservation:
+    # Built from what this transaction wrote: no need to read it back.
+    return Reservation(
+        id=reservation_id, order_id=order_id, status=status, items=lines, total=total_of(lines)
+    )
 
 
 async def _event(conn: DbConn, reservation: Reservation, event_type: str) -> None:
@@ -69,10 +80,13 @@ async def release_stock(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Reserva
     elif existing["status"] == "committed":
         raise Conflict("the reservation was already committed (sold)", reason="committed")
     elif existing["status"] == "reserved":
-        for line in await store.reservation_items(conn, existing["id"]):
-            await store.return_stock(conn, line["sku"], line["quantity"])
+        lines = await _lines(conn, existing["id"])
+        for line in lines:
+            await store.return_stock(conn, line.sku, line.quantity)
         await store.set_status(conn, existing["id"], "released")
-        await _event(conn, await load_reservation(conn, order_id), "stock_released")
+        released = _reservation(existing["id"], order_id, "released", lines)
+        await _event(conn, released, "stock_released")
+        return 200, released
     return 200, await load_reservation(conn, order_id)
 
 
@@ -84,11 +98,18 @@ async def commit_stock(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Reservat
     if existing["status"] == "released":
         raise Conflict("the reservation was released; it cannot be committed", reason="released")
     if existing["status"] == "reserved":
-        for line in await store.reservation_items(conn, existing["id"]):
-            await store.sell_stock(conn, line["sku"], line["quantity"])
+        lines = await _lines(conn, existing["id"])
+        for line in lines:
+            await store.sell_stock(conn, line.sku, line.quantity)
         await store.set_status(conn, existing["id"], "committed")
-        await _event(conn, await load_reservation(conn, order_id), "stock_committed")
+        committed = _reservation(existing["id"], order_id, "committed", lines)
+        await _event(conn, committed, "stock_committed")
+        return 200, committed
     return 200, await load_reservation(conn, order_id)
+
+
+async def _lines(conn: DbConn, reservation_id: uuid.UUID) -> list[ReservedLine]:
+    return [ReservedLine(**dict(r)) for r in await store.reservation_items(conn, reservation_id)]
 
 
 async def load_reservation(conn: DbConn, order_id: uuid.UUID) -> Reservation:
@@ -96,7 +117,4 @@ async def load_reservation(conn: DbConn, order_id: uuid.UUID) -> Reservation:
     row = await store.get_reservation(conn, order_id)
     if row is None:
         raise NotFound(f"no reservation for order {order_id}")
-    items = [ReservedLine(**dict(r)) for r in await store.reservation_items(conn, row["id"])]
-    return Reservation(
-        id=row["id"], order_id=order_id, status=row["status"], items=items, total=total_of(items)
-    )
+    return _reservation(row["id"], order_id, row["status"], await _lines(conn, row["id"]))

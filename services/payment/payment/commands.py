@@ -22,21 +22,21 @@ async def charge_customer(conn: DbConn, request: ChargeRequest) -> tuple[int, An
     if existing is not None:
         payment = await _refuse_if_voided(conn, request.order_id)
         return (DECLINED, _declined(payment)) if payment.status == "declined" else (200, payment)
+    if await store.debit(conn, request.customer_id, request.amount):
+        payment = await _record(conn, request, "charged")
+        return 201, await _with_event(conn, payment, "charged")
+    # No debit: either nobody by that name, or not enough money.
     if await store.get_customer(conn, request.customer_id) is None:
         raise Rejected(f"unknown customer {request.customer_id!r}", reason="unknown_customer")
-    if await store.debit(conn, request.customer_id, request.amount):
-        await _record(conn, request, "charged")
-        return 201, await _with_event(conn, request.order_id, "charged")
-    await _record(conn, request, "declined", reason="insufficient_funds")
-    return DECLINED, _declined(await _with_event(conn, request.order_id, "declined"))
+    payment = await _record(conn, request, "declined", reason="insufficient_funds")
+    return DECLINED, _declined(await _with_event(conn, payment, "declined"))
 
 
-async def _with_event(conn: DbConn, order_id: uuid.UUID, event_type: str) -> Payment:
-    payment = await load_payment(conn, order_id)
+async def _with_event(conn: DbConn, payment: Payment, event_type: str) -> Payment:
     await add_event(
         conn,
         aggregate_type="payment",
-        aggregate_id=str(order_id),
+        aggregate_id=str(payment.order_id),
         event_type=event_type,
         payload=payment.model_dump(mode="json"),
     )
@@ -64,8 +64,8 @@ async def _refuse_if_voided(conn: DbConn, order_id: uuid.UUID) -> Payment:
 
 async def _record(
     conn: DbConn, request: ChargeRequest, status: str, *, reason: str | None = None
-) -> None:
-    await store.insert_payment(
+) -> Payment:
+    row = await store.insert_payment(
         conn,
         request.order_id,
         customer_id=request.customer_id,
@@ -73,6 +73,7 @@ async def _record(
         status=status,
         reason=reason,
     )
+    return Payment(**dict(row))
 
 
 async def refund_customer(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Payment]:
@@ -84,8 +85,8 @@ async def refund_customer(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Payme
         )
     elif existing["status"] == "charged":
         await store.credit(conn, existing["customer_id"], existing["amount"])
-        await store.set_status(conn, order_id, "refunded")
-        return 200, await _with_event(conn, order_id, "refunded")
+        refunded = Payment(**dict(await store.set_status(conn, order_id, "refunded")))
+        return 200, await _with_event(conn, refunded, "refunded")
     return 200, await load_payment(conn, order_id)
 
 

@@ -60,11 +60,11 @@ async def insert_payment(
     amount: Decimal,
     status: str,
     reason: str | None = None,
-) -> None:
-    """A new payment row for the order."""
-    await conn.execute(
+) -> asyncpg.Record:
+    """A new payment row for the order, as stored."""
+    row = await conn.fetchrow(
         "INSERT INTO payments (id, order_id, customer_id, amount, status, reason)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_PAYMENT_COLUMNS}",
         uuid.uuid4(),
         order_id,
         customer_id,
@@ -72,12 +72,17 @@ async def insert_payment(
         status,
         reason,
     )
+    assert row is not None  # RETURNING: the row just written
+    return row
 
 
-async def set_status(conn: DbConn, order_id: uuid.UUID, status: str) -> None:
-    """Move the order's payment to a new status."""
-    await conn.execute(
-        "UPDATE payments SET status = $2, updated_at = now() WHERE order_id = $1",
+async def set_status(conn: DbConn, order_id: uuid.UUID, status: str) -> asyncpg.Record:
+    """Move the order's payment to a new status; the payment as stored now."""
+    row = await conn.fetchrow(
+        f"UPDATE payments SET status = $2, updated_at = now() WHERE order_id = $1"
+        f" RETURNING {_PAYMENT_COLUMNS}",
         order_id,
         status,
     )
+    assert row is not None  # RETURNING: the row just written
+    return row

@@ -27,16 +27,15 @@ async def create_shipment(conn: DbConn, request: ShipRequest) -> tuple[int, Ship
             f"we do not ship to {request.destination}; GET /destinations lists where we do",
             reason="unsupported_destination",
         )
-    await store.insert_shipment(conn, request.order_id, request.destination, "created")
-    return 201, await _with_event(conn, request.order_id, "shipment_created")
+    row = await store.insert_shipment(conn, request.order_id, request.destination, "created")
+    return 201, await _with_event(conn, Shipment(**dict(row)), "shipment_created")
 
 
-async def _with_event(conn: DbConn, order_id: uuid.UUID, event_type: str) -> Shipment:
-    shipment = await load_shipment(conn, order_id)
+async def _with_event(conn: DbConn, shipment: Shipment, event_type: str) -> Shipment:
     await add_event(
         conn,
         aggregate_type="shipment",
-        aggregate_id=str(order_id),
+        aggregate_id=str(shipment.order_id),
         event_type=event_type,
         payload=shipment.model_dump(mode="json"),
     )
@@ -49,8 +48,8 @@ async def cancel_shipment(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Shipm
     if existing is None:
         await store.insert_shipment(conn, order_id, None, "cancelled")
     elif existing["status"] == "created":
-        await store.cancel(conn, order_id)
-        return 200, await _with_event(conn, order_id, "shipment_cancelled")
+        cancelled = Shipment(**dict(await store.cancel(conn, order_id)))
+        return 200, await _with_event(conn, cancelled, "shipment_cancelled")
     return 200, await load_shipment(conn, order_id)
 
 

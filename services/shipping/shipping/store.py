@@ -43,20 +43,26 @@ async def lock_shipment(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | N
 
 async def insert_shipment(
     conn: DbConn, order_id: uuid.UUID, destination: str | None, status: str
-) -> None:
-    """A new shipment row for the order."""
-    await conn.execute(
-        "INSERT INTO shipments (id, order_id, destination, status) VALUES ($1, $2, $3, $4)",
+) -> asyncpg.Record:
+    """A new shipment row for the order, as stored."""
+    row = await conn.fetchrow(
+        "INSERT INTO shipments (id, order_id, destination, status) VALUES ($1, $2, $3, $4)"
+        f" RETURNING {_SHIPMENT_COLUMNS}",
         uuid.uuid4(),
         order_id,
         destination,
         status,
     )
+    assert row is not None  # RETURNING: the row just written
+    return row
 
 
-async def cancel(conn: DbConn, order_id: uuid.UUID) -> None:
-    """Mark the order's shipment cancelled."""
-    await conn.execute(
-        "UPDATE shipments SET status = 'cancelled', updated_at = now() WHERE order_id = $1",
+async def cancel(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record:
+    """Mark the order's shipment cancelled; the shipment as stored now."""
+    row = await conn.fetchrow(
+        "UPDATE shipments SET status = 'cancelled', updated_at = now() WHERE order_id = $1"
+        f" RETURNING {_SHIPMENT_COLUMNS}",
         order_id,
     )
+    assert row is not None  # RETURNING: the row just written
+    return row
