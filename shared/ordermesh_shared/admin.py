@@ -28,7 +28,7 @@ def check_admin_token(given: str | None, expected: SecretStr) -> None:
         raise HTTPException(403, f"admin endpoint: wrong {ADMIN_TOKEN_HEADER}")
 
 
-def require_admin(
+async def require_admin(  # async: no worker-thread hop (see bootstrap.get_context)
     request: Request,
     token: Annotated[str | None, Header(alias=ADMIN_TOKEN_HEADER)] = None,
 ) -> None:

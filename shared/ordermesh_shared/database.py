@@ -69,12 +69,26 @@ SHARED_MIGRATIONS = MigrationSet("shared", Path(__file__).resolve().parent / "mi
 
 
 class Database:
-    """An asyncpg pool owned by an ``async with`` block; no connection opens on entry."""
+    """An asyncpg pool owned by an ``async with`` block; no connection opens on entry.
 
-    def __init__(self, dsn: str, *, max_size: int = 10, connect_timeout: float = 3.0) -> None:
+    ``idle_in_transaction_timeout``: Postgres ends a transaction left idle this long. A
+    process frozen mid-transaction (SIGSTOP, a VM stall) must not hold its row locks (say,
+    the outbox rows a relay claimed, or a fencing row) for ever; it must outlast any wait
+    inside one of our transactions (the relay's publish timeout, 5 s by default).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        max_size: int = 10,
+        connect_timeout: float = 3.0,
+        idle_in_transaction_timeout: float = 30.0,
+    ) -> None:
         self.dsn = dsn
         self._max_size = max_size
         self._connect_timeout = connect_timeout
+        self._idle_in_transaction_ms = int(idle_in_transaction_timeout * 1000)
         self._pool: asyncpg.Pool | None = None
         self.migrated = False
         self.migration_error: str | None = None  # a failure waiting cannot heal
@@ -96,6 +110,10 @@ class Database:
             command_timeout=10,
             max_inactive_connection_lifetime=60,
             reset=_keep_session,
+            # Set once per connection rather than per transaction: no extra round trip.
+            server_settings={
+                "idle_in_transaction_session_timeout": str(self._idle_in_transaction_ms)
+            },
         )
         return self
 

@@ -99,8 +99,14 @@ def _order_of(event: Event) -> uuid.UUID | None:
 
 def timeline_subscription() -> Subscription:
     """Every event of every service (the timeline wants them all)."""
+    # Two lanes, not the default eight: inserts are cheap and a busy lane's batches grow
+    # (one commit for many events), where eight lanes would each commit nearly every event.
     return Subscription(
-        TIMELINE_QUEUE, ["#"], record_timeline_event, batch_handler=record_timeline_events
+        TIMELINE_QUEUE,
+        ["#"],
+        record_timeline_event,
+        batch_handler=record_timeline_events,
+        concurrency=2,
     )
 
 

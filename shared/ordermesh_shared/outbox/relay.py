@@ -163,10 +163,6 @@ class OutboxRelay:
         )
         self._retry_at: float | None = None
         self._pruned_at = 0.0
-        # A relay frozen mid-batch (SIGSTOP, VM stall) must not hold its claimed rows and the
-        # fencing row forever: Postgres ends its transaction after this much idle time. It
-        # has to outlast the publish of a batch, which waits at most one publish timeout.
-        self._idle_limit = max(30.0, 6 * self.settings.publish_timeout)
 
     async def run(self, leadership: Leadership) -> None:
         """Campaign, and relay while leading; runs until cancelled."""
@@ -179,8 +175,9 @@ class OutboxRelay:
         """Claim, publish, fence and mark one batch in one transaction."""
         await self._publisher.ready()  # no claim (and no open transaction) while it is down
         started = time.perf_counter()
+        # A relay frozen mid-batch does not hold its claimed rows for ever: the pool's
+        # idle_in_transaction_timeout (30 s; see Database) ends the transaction.
         async with self._db.pool.acquire() as conn, conn.transaction():
-            await _limit_idle_time(conn, self._idle_limit)
             events = await claim_batch(conn, limit=self.settings.batch_size)
             if not events:
                 return BatchReport(0, 0, 0, 0, (), None)
@@ -319,13 +316,6 @@ class OutboxRelay:
                 trouble += 1
                 log.debug("outbox.listen_failed", error=str(exc))
             await asyncio.sleep(min(self.settings.error_backoff_max, 0.1 * 2**trouble))
-
-
-async def _limit_idle_time(conn: DbConn, seconds: float) -> None:
-    await conn.execute(
-        "SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
-        f"{int(seconds * 1000)}ms",
-    )
 
 
 async def _listen_until_closed(dsn: str, wakeup: asyncio.Event) -> None:
