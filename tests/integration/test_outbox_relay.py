@@ -12,6 +12,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import aio_pika
@@ -269,3 +270,25 @@ async def test_event_committed_without_notify_is_found_by_the_poll(
             while not await _has_effects(db, 1):
                 await asyncio.sleep(0.05)
     assert [r["event_id"] for r in await effects(db)] == [str(quiet)]
+
+
+async def test_events_committed_during_a_batch_are_not_left_for_the_poll(
+    db: Database, broker: Broker
+) -> None:
+    # Wake-ups for rows a batch already claimed are skipped; one for a row committed after
+    # the batch's claim must still start a batch. With the poll an hour away, only the
+    # notifications can have relayed every event within the deadline below.
+    rng = random.Random(11)
+    settings = replace(FAST, poll_interval=3600.0)
+    relay = OutboxRelay(db, broker, service=SERVICE, settings=settings)
+
+    async def writer() -> None:
+        for _ in range(40):
+            await commit_event(db, f"t{rng.randrange(20)}")
+            await asyncio.sleep(rng.uniform(0, 0.01))
+
+    async with consuming(db, broker), background(relay.run(SoleLeader())):
+        await asyncio.sleep(0.2)  # leading and listening
+        await asyncio.gather(*(writer() for _ in range(6)))
+        await eventually(lambda: _has_effects(db, 240), timeout=20)
+    assert await unpublished(db) == 0

@@ -11,8 +11,11 @@ A crash anywhere before the commit leaves the rows unpublished, so they are sent
 delivery is at least once, and consumers' inbox makes it exactly-once in effect. A stale
 leader (paused past its lease) is rejected at the fence and its transaction rolls back.
 
-The relay wakes on ``LISTEN ordermesh_outbox`` (``add_event`` notifies on commit) and polls
-every ``poll_interval`` in case a notification is missed (e.g. while the listener reconnects).
+The relay wakes on ``LISTEN ordermesh_outbox`` (``add_event`` notifies on commit, with the
+row id) and polls every ``poll_interval`` in case a notification is missed (e.g. while the
+listener reconnects). A notification for a row the last batch already claimed starts no new
+batch: under load most rows are claimed before their notification arrives, and each
+needless claim was three round trips for nothing.
 
 >>> relay = OutboxRelay(db, broker, service="order", fence=fence_for("order"))
 >>> tasks.start(relay.run(election), name="outbox-relay")    # leads, relays, steps down
@@ -163,6 +166,8 @@ class OutboxRelay:
         )
         self._retry_at: float | None = None
         self._pruned_at = 0.0
+        self._notified: set[int] = set()  # row ids notified and not yet seen claimed
+        self._look_anyway = False  # a wake-up without a row id: claim whatever is there
 
     async def run(self, leadership: Leadership) -> None:
         """Campaign, and relay while leading; runs until cancelled."""
@@ -179,6 +184,7 @@ class OutboxRelay:
         # idle_in_transaction_timeout (30 s; see Database) ends the transaction.
         async with self._db.pool.acquire() as conn, conn.transaction():
             events = await claim_batch(conn, limit=self.settings.batch_size)
+            self._notified.difference_update(e.sequence for e in events)
             if not events:
                 return BatchReport(0, 0, 0, 0, (), None)
             outcome = await self._publisher.publish(events)
@@ -247,7 +253,10 @@ class OutboxRelay:
         trouble = 0
         fenced_in = False
         while not term.lost.is_set():
-            wakeup.clear()  # before the batch: a NOTIFY arriving during it is kept
+            # Rows notified before this batch are visible to its claim: whether it takes
+            # them or not (held back, another relay's), they need no batch of their own.
+            seen_before = set(self._notified)
+            self._look_anyway = False
             try:
                 if not fenced_in:
                     await self.claim_fence(term.token)
@@ -266,10 +275,23 @@ class OutboxRelay:
                 await self._back_off(trouble, exc)
                 continue
             trouble = 0 if report.outage is None else trouble + 1
+            self._notified.difference_update(seen_before)
             if report.outage is not None:
                 await self._back_off(trouble, report.outage)
-            elif report.claimed < self.settings.batch_size:
+            elif report.claimed < self.settings.batch_size and not self._more_notified():
+                wakeup.clear()
                 await _wait(wakeup, self._idle_wait())
+
+    def _more_notified(self) -> bool:
+        """Whether a notification arrived during the batch for a row it did not claim."""
+        return self._look_anyway or bool(self._notified)
+
+    def _on_notify(self, wakeup: asyncio.Event, payload: str) -> None:
+        if payload.isdigit():
+            self._notified.add(int(payload))
+        else:  # (re)connected, or a re-drive: there may be rows nobody told us about
+            self._look_anyway = True
+        wakeup.set()
 
     async def _back_off(self, trouble: int, problem: BaseException | str) -> None:
         cap = self.settings.error_backoff_max
@@ -310,7 +332,7 @@ class OutboxRelay:
         trouble = 0
         while True:
             try:
-                await _listen_until_closed(self._db.dsn, wakeup)
+                await _listen_until_closed(self._db.dsn, lambda p: self._on_notify(wakeup, p))
                 trouble = 0
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 trouble += 1
@@ -318,13 +340,14 @@ class OutboxRelay:
             await asyncio.sleep(min(self.settings.error_backoff_max, 0.1 * 2**trouble))
 
 
-async def _listen_until_closed(dsn: str, wakeup: asyncio.Event) -> None:
+async def _listen_until_closed(dsn: str, notified: Callable[[str], None]) -> None:
     conn = await asyncpg.connect(dsn, timeout=3)
     closed = asyncio.Event()
     try:
         conn.add_termination_listener(lambda _c: closed.set())
-        await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: wakeup.set())
-        wakeup.set()  # rows may have been committed while we were not listening
+        # asyncpg calls listeners with (connection, pid, channel, payload).
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *args: notified(str(args[-1])))
+        notified("")  # rows may have been committed while we were not listening
         await closed.wait()
     finally:
         with contextlib.suppress(Exception):  # a broken connection has nothing to close

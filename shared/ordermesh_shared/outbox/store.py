@@ -141,8 +141,10 @@ _ADD = (
     "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload, headers)"
     " VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)"
 )
+# The payload is the row id, so a relay can tell a wake-up for a row it has just claimed
+# (nothing to do) from one for a row committed after its claim (claim again).
 _ADD_AND_NOTIFY = (
-    f"WITH added AS ({_ADD} RETURNING 1) SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM added"
+    f"WITH added AS ({_ADD} RETURNING id) SELECT pg_notify('{NOTIFY_CHANNEL}', id::text) FROM added"
 )
 
 
