@@ -14,6 +14,7 @@ the instance is sick (connection errors, timeouts, 5xx), and let 4xx answers out
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -75,6 +76,18 @@ class InstanceBreaker:
         """``with breaker.guard():`` runs the block as a call; BreakerRejected if not admitted."""
         return _Guard(self)
 
+    def _record_failure(self, exc: BaseException) -> None:
+        """Let pybreaker judge a failure seen outside its ``calling()`` block (it counts it,
+        and may trip), exactly as if it had been raised inside."""
+
+        def fail() -> None:
+            raise exc
+
+        traceback = exc.__traceback__  # re-raising would add this frame to it
+        with contextlib.suppress(BaseException):
+            self._breaker.call(fail)
+        exc.__traceback__ = traceback
+
     def _changed(self, old: str, new: str) -> None:
         self.state = new
         if new == OPEN:
@@ -95,6 +108,10 @@ class _Guard:
 
     def __enter__(self) -> None:
         owner = self._owner
+        if owner.state == CLOSED and owner._breaker.fail_counter == 0:
+            # The common case, kept cheap: a success would change nothing in pybreaker
+            # (no failures to forget), so only a failure is handed to it, in __exit__.
+            return
         if owner.state != CLOSED and not owner.admits():
             raise BreakerRejected(f"circuit open for {owner.name}")
         calling = owner._breaker.calling()
@@ -114,6 +131,10 @@ class _Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        if self._calling is None:
+            if exc is not None:
+                self._owner._record_failure(exc)
+            return False
         try:
             return bool(self._calling.__exit__(exc_type, exc, tb))
         finally:
