@@ -91,7 +91,7 @@ async def client_cpu_group(smoke: bool) -> list[Figure]:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "client_cpu.json"
         calls = "300" if smoke else "3000"
-        await _child("client_cpu.py", "--runs", "3", "--calls", calls, "--out", str(out))
+        await _child("client_cpu.py", "--runs", "5", "--calls", calls, "--out", str(out))
         report = json.loads(out.read_text())["results"]
     raw = report["raw aiohttp"]
     figures = []
