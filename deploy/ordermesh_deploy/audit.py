@@ -169,7 +169,7 @@ async def per_aggregate_order(db: Connections) -> Finding:
     """Each aggregate's events were applied in the order its service committed them."""
     rows = await db["order"].fetch(
         "SELECT service, aggregate_type, order_id, sequence FROM order_timeline"
-        " ORDER BY applied_order"
+        " ORDER BY applied_order NULLS FIRST, received_at, event_id"
     )
     last: dict[tuple[str, str, str], int] = {}
     bad = []

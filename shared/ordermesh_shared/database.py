@@ -94,6 +94,11 @@ class Database:
         self.migration_error: str | None = None  # a failure waiting cannot heal
 
     @property
+    def idle_in_transaction_timeout(self) -> float:
+        """Seconds Postgres lets one of this pool's transactions sit idle."""
+        return self._idle_in_transaction_ms / 1000
+
+    @property
     def pool(self) -> asyncpg.Pool:
         """The pool; raises :class:`DatabaseNotReady` before migrations have run."""
         if self._pool is None or not self.migrated:

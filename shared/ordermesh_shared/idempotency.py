@@ -68,7 +68,9 @@ async def run_once(
             # (see _lock_and_load); our effect was rolled back and that answer stands.
             async with conn.transaction():
                 stored = await _lock_and_load(conn, key, fingerprint)
-            assert stored is not None
+            if stored is None:  # stored and committed by the other call: cannot be gone
+                missing = f"idempotency key {key!r} conflicted but holds no answer"
+                raise RuntimeError(missing) from None
             return stored
 
 

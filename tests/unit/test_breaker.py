@@ -70,6 +70,21 @@ def test_opens_after_n_consecutive_failures() -> None:
     assert breaker.state == OPEN
 
 
+def test_a_success_of_a_call_started_before_the_failures_resets_the_count() -> None:
+    # Calls overlap: one started while all was well succeeds after others failed.
+    breaker = make_breaker()
+    slow = breaker.guard()
+    slow.__enter__()
+    fail(breaker)
+    fail(breaker)
+    slow.__exit__(None, None, None)  # its success forgets the two failures
+    fail(breaker)
+    fail(breaker)
+    assert breaker.state == CLOSED
+    fail(breaker)
+    assert breaker.state == OPEN
+
+
 def test_open_rejects_at_once_without_running_the_call() -> None:
     breaker = make_breaker()
     trip(breaker)

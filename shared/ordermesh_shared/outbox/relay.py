@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
@@ -168,6 +169,12 @@ class OutboxRelay:
         self._pruned_at = 0.0
         self._notified: set[int] = set()  # row ids notified and not yet seen claimed
         self._look_anyway = False  # a wake-up without a row id: claim whatever is there
+        # Notifications often arrive after their row was claimed: those wake nobody.
+        self._claimed = _RecentIds(limit=4 * self.settings.batch_size)
+        # A frozen relay must not hold its claimed rows for ever: the pool ends transactions
+        # idle past its limit (Database: 30 s). A batch may wait a publish timeout per event
+        # of an aggregate's chain, so a long publish timeout raises the limit, per batch.
+        self._idle_limit = max(30.0, 6 * self.settings.publish_timeout)
 
     async def run(self, leadership: Leadership) -> None:
         """Campaign, and relay while leading; runs until cancelled."""
@@ -180,10 +187,12 @@ class OutboxRelay:
         """Claim, publish, fence and mark one batch in one transaction."""
         await self._publisher.ready()  # no claim (and no open transaction) while it is down
         started = time.perf_counter()
-        # A relay frozen mid-batch does not hold its claimed rows for ever: the pool's
-        # idle_in_transaction_timeout (30 s; see Database) ends the transaction.
         async with self._db.pool.acquire() as conn, conn.transaction():
+            if self._idle_limit > self._db.idle_in_transaction_timeout:
+                await _limit_idle_time(conn, self._idle_limit)
             events = await claim_batch(conn, limit=self.settings.batch_size)
+            for event in events:
+                self._claimed.add(event.sequence)
             self._notified.difference_update(e.sequence for e in events)
             if not events:
                 return BatchReport(0, 0, 0, 0, (), None)
@@ -288,6 +297,8 @@ class OutboxRelay:
 
     def _on_notify(self, wakeup: asyncio.Event, payload: str) -> None:
         if payload.isdigit():
+            if int(payload) in self._claimed:
+                return  # already claimed by a batch: nothing new to do
             self._notified.add(int(payload))
         else:  # (re)connected, or a re-drive: there may be rows nobody told us about
             self._look_anyway = True
@@ -338,6 +349,33 @@ class OutboxRelay:
                 trouble += 1
                 log.debug("outbox.listen_failed", error=str(exc))
             await asyncio.sleep(min(self.settings.error_backoff_max, 0.1 * 2**trouble))
+
+
+async def _limit_idle_time(conn: DbConn, seconds: float) -> None:
+    await conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
+        f"{int(seconds * 1000)}ms",
+    )
+
+
+class _RecentIds:
+    """The last ``limit`` ids added, for membership tests."""
+
+    def __init__(self, *, limit: int) -> None:
+        self._order: deque[int] = deque()
+        self._members: set[int] = set()
+        self._limit = limit
+
+    def add(self, value: int) -> None:
+        if value in self._members:
+            return
+        self._order.append(value)
+        self._members.add(value)
+        if len(self._order) > self._limit:
+            self._members.discard(self._order.popleft())
+
+    def __contains__(self, value: int) -> bool:
+        return value in self._members
 
 
 async def _listen_until_closed(dsn: str, notified: Callable[[str], None]) -> None:

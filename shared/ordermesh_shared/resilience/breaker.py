@@ -76,6 +76,14 @@ class InstanceBreaker:
         """``with breaker.guard():`` runs the block as a call; BreakerRejected if not admitted."""
         return _Guard(self)
 
+    def _record_success(self) -> None:
+        """A success of a call that skipped pybreaker: if failures were counted meanwhile (by
+        calls running alongside), it resets them, as pybreaker does for every success; a
+        breaker that is no longer closed is left to its own trial."""
+        if self.state == CLOSED and self._breaker.fail_counter:
+            with contextlib.suppress(pybreaker.CircuitBreakerError):
+                self._breaker.call(_nothing)
+
     def _record_failure(self, exc: BaseException) -> None:
         """Let pybreaker judge a failure seen outside its ``calling()`` block (it counts it,
         and may trip), exactly as if it had been raised inside."""
@@ -94,6 +102,10 @@ class InstanceBreaker:
             self._retry_at = time.monotonic() + self.reset_timeout
         if self._on_change is not None:
             self._on_change(self, old, new)
+
+
+def _nothing() -> None:
+    """A call that succeeds, to report a success to pybreaker."""
 
 
 class _Guard:
@@ -134,6 +146,8 @@ class _Guard:
         if self._calling is None:
             if exc is not None:
                 self._owner._record_failure(exc)
+            else:
+                self._owner._record_success()
             return False
         try:
             return bool(self._calling.__exit__(exc_type, exc, tb))
