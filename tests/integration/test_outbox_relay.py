@@ -292,3 +292,27 @@ async def test_events_committed_during_a_batch_are_not_left_for_the_poll(
         await asyncio.gather(*(writer() for _ in range(6)))
         await eventually(lambda: _has_effects(db, 240), timeout=20)
     assert await unpublished(db) == 0
+
+
+async def test_a_row_held_by_a_stale_relay_is_not_overtaken(db: Database, broker: Broker) -> None:
+    # A relay paused mid-batch (its lease gone) still holds its claimed rows: the new leader
+    # skips them, and must skip the later events of their aggregates too.
+    first = await commit_event(db, "a")
+    await commit_event(db, "a")
+    await commit_event(db, "b")
+    relay = relay_for(db, broker)
+    async with consuming(db, broker):
+        stale = await asyncpg.connect(db.dsn)
+        try:
+            async with stale.transaction():
+                await stale.execute("SELECT 1 FROM outbox WHERE event_id = $1 FOR UPDATE", first)
+                held = await relay.relay_batch(token=1)
+            resumed = await relay.relay_batch(token=1)  # the stale relay's batch rolled back
+        finally:
+            await stale.close()
+        await eventually(lambda: _has_effects(db, 3))
+    assert (held.claimed, held.published) == (1, 1)  # b's event only
+    assert (resumed.claimed, resumed.published) == (2, 2)
+    applied = [(r["aggregate_id"], r["version"]) for r in await effects(db)]
+    assert [v for a, v in applied if a == "a"] == [1, 2]
+    assert await unpublished(db) == 0

@@ -165,23 +165,37 @@ async def claim_batch(conn: DbConn, *, limit: int) -> list[OutgoingEvent]:
     aggregate's events never overtake each other.
     """
     # SKIP LOCKED: two relays never claim the same row, and a stale one never blocks us.
+    # But a row skipped because a stale relay (paused mid-batch, its lease gone) still
+    # holds it must not be overtaken by its aggregate's later rows: the outer query drops
+    # every row with an earlier unpublished row of its aggregate outside this claim. The
+    # dropped rows stay locked until commit, unpublished, and come back in a later batch.
     rows = await conn.fetch(
         """
-        SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-               o.payload::text AS payload, o.headers::text AS headers, o.created_at
-          FROM outbox o
-         WHERE o.published_at IS NULL AND o.quarantined_at IS NULL
-           AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-           AND NOT EXISTS (
+        WITH claimed AS (
+            SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                   o.payload::text AS payload, o.headers::text AS headers, o.created_at
+              FROM outbox o
+             WHERE o.published_at IS NULL AND o.quarantined_at IS NULL
+               AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+               AND NOT EXISTS (
+                     SELECT 1 FROM outbox e
+                      WHERE e.aggregate_type = o.aggregate_type
+                        AND e.aggregate_id = o.aggregate_id
+                        AND e.published_at IS NULL
+                        AND e.id < o.id
+                        AND (e.quarantined_at IS NOT NULL OR e.next_attempt_at > now()))
+             ORDER BY o.id
+             LIMIT $1
+               FOR UPDATE OF o SKIP LOCKED)
+        SELECT c.* FROM claimed c
+         WHERE NOT EXISTS (
                  SELECT 1 FROM outbox e
-                  WHERE e.aggregate_type = o.aggregate_type
-                    AND e.aggregate_id = o.aggregate_id
+                  WHERE e.aggregate_type = c.aggregate_type
+                    AND e.aggregate_id = c.aggregate_id
                     AND e.published_at IS NULL
-                    AND e.id < o.id
-                    AND (e.quarantined_at IS NOT NULL OR e.next_attempt_at > now()))
-         ORDER BY o.id
-         LIMIT $1
-           FOR UPDATE OF o SKIP LOCKED
+                    AND e.id < c.id
+                    AND e.id NOT IN (SELECT id FROM claimed))
+         ORDER BY c.id
         """,
         limit,
     )
