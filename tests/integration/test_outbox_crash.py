@@ -113,9 +113,10 @@ def child_relay(
     return python_child(CHILD_RELAY, *args, log_path=tmp_path / "relay.log", env=env)
 
 
-async def commit_events(db: Database, count: int) -> list[uuid.UUID]:
+async def commit_events(db: Database, count: int, *, first: int = 0) -> list[uuid.UUID]:
+    """``count`` events, one each for aggregates t<first>, t<first + 1>, ..."""
     ids = []
-    for i in range(count):
+    for i in range(first, first + count):
         async with db.pool.acquire() as conn, conn.transaction():
             ids.append(
                 await add_event(
@@ -208,16 +209,25 @@ async def test_stale_relay_paused_past_its_lease_is_fenced(
             )
             async with relaying(relay, election):
                 # The new leader relays what the frozen one has not locked...
-                later = await commit_events(db, 3)
+                later = await commit_events(db, 3, first=5)
+                # ...but not an event whose aggregate's earlier event the frozen one holds.
+                behind = await commit_events(db, 1)
                 await eventually(lambda: _all_published_of(db, later))
+                assert not await _all_published_of(db, behind)
                 stale.resume()
                 # ...the stale one wakes up, marks, and is refused at the fence...
                 await stale.wait_for_output("outbox.relay_fenced", timeout=15)
                 # ...so its rows were rolled back, and the new leader publishes them again.
-                await applied_once(db, first + later)
+                await applied_once(db, first + later + behind)
     assert "StaleToken" in stale.output() or "rejected" in stale.output()
-    assert consumer.counts.get("applied") == 8
+    assert consumer.counts.get("applied") == 9
     assert consumer.counts.get("duplicate") == 5  # the stale relay's copies
+    async with db.pool.acquire() as conn:  # aggregate t0: its two events in commit order
+        t0 = await conn.fetch(
+            "SELECT event_id FROM effects WHERE event_id = ANY($1::text[]) ORDER BY n",
+            [str(first[0]), str(behind[0])],
+        )
+    assert [r["event_id"] for r in t0] == [str(first[0]), str(behind[0])]
 
 
 async def _all_published_of(db: Database, ids: list[uuid.UUID]) -> bool:
