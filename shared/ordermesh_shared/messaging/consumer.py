@@ -217,16 +217,7 @@ class EventConsumer:
         """Apply the new ones among ``events`` in one transaction; their ids -> True."""
         sub = self.subscription
         async with self._db.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "INSERT INTO inbox (consumer, message_id, event_type, source)"
-                " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])"
-                " ON CONFLICT DO NOTHING RETURNING message_id",
-                sub.queue,
-                [e.id for e in events],
-                [e.type for e in events],
-                [e.source for e in events],
-            )
-            fresh = {row["message_id"]: True for row in rows}
+            fresh = await self._record_in_inbox(conn, events)
             new = _first_copies(events, fresh)
             if sub.batch_handler is not None:
                 await sub.batch_handler(conn, new)
@@ -263,18 +254,23 @@ class EventConsumer:
 
     async def _apply_once(self, event: Event) -> bool:
         async with self._db.pool.acquire() as conn, conn.transaction():
-            fresh = await conn.fetchval(
-                "INSERT INTO inbox (consumer, message_id, event_type, source)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
-                self.subscription.queue,
-                event.id,
-                event.type,
-                event.source,
-            )
-            if not fresh:
+            if not await self._record_in_inbox(conn, [event]):
                 return False
             await self.subscription.handler(conn, event)
         return True
+
+    async def _record_in_inbox(self, conn: DbConn, events: Sequence[Event]) -> dict[str, bool]:
+        """Inbox rows for ``events``; the ids not seen before -> True."""
+        rows = await conn.fetch(
+            "INSERT INTO inbox (consumer, message_id, event_type, source)"
+            " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])"
+            " ON CONFLICT DO NOTHING RETURNING message_id",
+            self.subscription.queue,
+            [e.id for e in events],
+            [e.type for e in events],
+            [e.source for e in events],
+        )
+        return {row["message_id"]: True for row in rows}
 
     async def _gave_up(
         self, message: AbstractIncomingMessage, event: Event, exc: Exception, *, attempt: int
