@@ -17,6 +17,7 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import orjson
 import pytest
 from ordermesh_shared.broker import Broker
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
@@ -25,7 +26,7 @@ from ordermesh_shared.messaging.envelope import Event
 from ordermesh_shared.messaging.topology import Topology, declare_consumer_queue
 from ordermesh_shared.outbox import NotInTransaction, add_event
 from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader
-from ordermesh_shared.outbox.store import Backoff, list_quarantined, redrive
+from ordermesh_shared.outbox.store import CLAIM_SQL, Backoff, list_quarantined, redrive
 
 pytestmark = pytest.mark.integration
 
@@ -316,3 +317,26 @@ async def test_a_row_held_by_a_stale_relay_is_not_overtaken(db: Database, broker
     applied = [(r["aggregate_id"], r["version"]) for r in await effects(db)]
     assert [v for a, v in applied if a == "a"] == [1, 2]
     assert await unpublished(db) == 0
+
+
+async def test_claim_planned_on_an_empty_outbox_stays_cheap_on_a_backlog(db: Database) -> None:
+    # The relay's first claim usually meets an empty outbox, and a prepared statement keeps
+    # its plan. That plan must still probe each aggregate by index when a backlog builds up,
+    # not scan every unpublished row once per claimed row. Buffers touched, unlike time,
+    # do not depend on how busy the machine is.
+    async with db.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE claim(int) AS {CLAIM_SQL}")
+        await conn.execute("EXECUTE claim(500)")  # planned now, on an empty table
+        await conn.execute(
+            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload)"
+            " SELECT gen_random_uuid(), 'thing', 't' || (i % 1000), 'updated', '{}'"
+            "   FROM generate_series(1, 6000) i"
+        )
+        await conn.execute("UPDATE outbox SET published_at = now() WHERE id <= 3000")
+        plan = await conn.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE claim(500)")
+        await conn.execute("DEALLOCATE claim")
+    top = orjson.loads(plan)[0]["Plan"]
+    assert top["Actual Rows"] == 500
+    buffers = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
+    assert buffers < 20 * 500, f"{buffers} buffers for a 500-row claim"
