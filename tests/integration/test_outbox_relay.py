@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 from ordermesh_shared.broker import Broker
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
-from ordermesh_shared.messaging.envelope import Event
+from ordermesh_shared.messaging.envelope import Event, OutgoingEvent
 from ordermesh_shared.messaging.topology import Topology, declare_consumer_queue
 from ordermesh_shared.outbox import NotInTransaction, add_event
 from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader
@@ -340,3 +340,35 @@ async def test_claim_planned_on_an_empty_outbox_stays_cheap_on_a_backlog(db: Dat
     assert top["Actual Rows"] == 500
     buffers = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
     assert buffers < 20 * 500, f"{buffers} buffers for a 500-row claim"
+
+
+async def test_pipelined_batches_keep_each_aggregate_in_order(db: Database, broker: Broker) -> None:
+    # Two batches in flight: while the first waits (here: held after its confirms), the
+    # second claims. An aggregate's next event must wait behind the first batch's event,
+    # then go as soon as that batch ends - not at the poll, an hour away - while other
+    # aggregates' events are not held up at all.
+    first_confirmed, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_first_batch(events: Sequence[OutgoingEvent]) -> None:
+        if not first_confirmed.is_set():
+            first_confirmed.set()
+            await release.wait()
+
+    settings = replace(FAST, poll_interval=3600.0, pipeline=2)
+    relay = OutboxRelay(
+        db, broker, service=SERVICE, settings=settings, after_confirm=hold_the_first_batch
+    )
+    async with consuming(db, broker), background(relay.run(SoleLeader())):
+        await commit_event(db, "a")
+        async with asyncio.timeout(10):
+            await first_confirmed.wait()
+        await commit_event(db, "a")  # behind the first batch's row
+        await commit_event(db, "b")
+        await eventually(lambda: _has_effects(db, 2))  # a1 (confirmed) and b1
+        await asyncio.sleep(0.3)
+        assert sorted(r["aggregate_id"] for r in await effects(db)) == ["a", "b"]
+        release.set()
+        await eventually(lambda: _has_effects(db, 3), timeout=5)
+    applied = [(r["aggregate_id"], r["version"]) for r in await effects(db)]
+    assert [v for a, v in applied if a == "a"] == [1, 2]
+    assert await unpublished(db) == 0

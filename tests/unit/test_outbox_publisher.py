@@ -112,3 +112,19 @@ async def test_outage_stops_the_batch_without_blaming_the_events() -> None:
 )
 def test_outage_or_the_events_fault(exc: Exception, outage: bool) -> None:
     assert is_outage(exc) is outage
+
+
+async def test_a_stuck_confirm_holds_the_unconfirmed_rest_of_the_batch() -> None:
+    # One timer for the batch: when it runs out, what was confirmed stays confirmed and
+    # everything else (the stuck event, its chain, the chains not finished) is held.
+    stuck = asyncio.Event()
+
+    async def publish(event: OutgoingEvent) -> None:
+        if event.aggregate_id == "a" and event.sequence == 2:
+            await stuck.wait()  # never confirmed
+
+    outcome = await publish_in_order(batch("a", "a", "a", "b"), publish, within=0.2)
+    assert names(outcome.confirmed) == ["a1", "b4"]
+    assert names(outcome.held) == ["a2", "a3"]
+    assert isinstance(outcome.outage, TimeoutError)
+    assert outcome.failed == []

@@ -1,8 +1,8 @@
 """Publishing a claimed batch: pipelined publisher confirms, per-aggregate order, outage vs poison.
 
 The batch is split into one *chain* per aggregate (its events in id order). All chains run at
-once, so the broker sees many publishes in flight, each awaiting its own confirm under a
-timeout; within a chain an event is sent only after the previous one was confirmed. So when
+once, so the broker sees many publishes in flight, each awaiting its own confirm (one
+timeout covers the batch); within a chain an event is sent only after the previous one was confirmed. So when
 an event fails, its aggregate's later events have not been sent, and they are *held* (left
 unpublished, without counting an attempt) instead of overtaking it. Events of different
 aggregates never wait for each other; most batches hold one or two events per aggregate.
@@ -77,13 +77,28 @@ def chains(events: Sequence[OutgoingEvent]) -> list[list[OutgoingEvent]]:
     return list(grouped.values())
 
 
-async def publish_in_order(events: Sequence[OutgoingEvent], publish: PublishOne) -> BatchOutcome:
-    """Publish every aggregate's chain concurrently; a failure holds back the rest of its chain."""
+async def publish_in_order(
+    events: Sequence[OutgoingEvent], publish: PublishOne, *, within: float | None = None
+) -> BatchOutcome:
+    """Publish every aggregate's chain concurrently; a failure holds back the rest of its chain.
+
+    ``within`` (seconds) bounds the whole batch - one timer, not one per event: what is not
+    confirmed by then is held, as in any outage (a confirm that late means the broker is stuck).
+    """
     outcome = BatchOutcome()
-    await asyncio.gather(*(_publish_chain(chain, publish, outcome) for chain in chains(events)))
+    try:
+        async with asyncio.timeout(within):
+            await asyncio.gather(
+                *(_publish_chain(chain, publish, outcome) for chain in chains(events))
+            )
+    except TimeoutError as exc:
+        settled = {e.sequence for e in outcome.confirmed} | {e.sequence for e in outcome.held}
+        settled.update(e.sequence for e, _ in outcome.failed)
+        outcome.held.extend(e for e in events if e.sequence not in settled)
+        outcome.outage = outcome.outage or exc
     # Gathered in completion order: give callers (and logs) the batch's id order back.
-    for settled in (outcome.confirmed, outcome.held):
-        settled.sort(key=lambda e: e.sequence)
+    for settled_list in (outcome.confirmed, outcome.held):
+        settled_list.sort(key=lambda e: e.sequence)
     outcome.failed.sort(key=lambda pair: pair[0].sequence)
     return outcome
 
@@ -155,7 +170,7 @@ class EventPublisher:
     async def publish(self, events: Sequence[OutgoingEvent]) -> BatchOutcome:
         """Publish ``events`` (in id order); see :func:`publish_in_order`."""
         await self.ready()
-        return await publish_in_order(events, self._publish_one)
+        return await publish_in_order(events, self._publish_one, within=self._timeout)
 
     async def close(self) -> None:
         """Close the channel, even one closed by the broker: a robust channel left open in
@@ -173,6 +188,6 @@ class EventPublisher:
             raise BrokerUnavailable("publisher channel is not open")
         message = encode_event(event, service=self._service)
         routing_key = self._topology.routing_key(self._service, event.event_type)
-        # publish(timeout=) does not cover waiting for a reconnecting channel; this does.
-        async with asyncio.timeout(self._timeout):
-            await exchange.publish(message, routing_key, mandatory=True)
+        # No timeout here: publish_in_order's covers the batch, and unlike publish(timeout=)
+        # it also covers waiting for a reconnecting channel.
+        await exchange.publish(message, routing_key, mandatory=True)

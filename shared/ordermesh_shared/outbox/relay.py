@@ -44,6 +44,7 @@ from ordermesh_shared.outbox.publisher import BatchOutcome, EventPublisher, desc
 from ordermesh_shared.outbox.store import (
     NOTIFY_CHANNEL,
     Backoff,
+    Claim,
     Failure,
     claim_batch,
     mark_published,
@@ -113,6 +114,9 @@ class RelaySettings:
     """
 
     batch_size: int = 500
+    # Batches in flight at once: while one waits for the broker's confirms (and then for
+    # Postgres to mark and commit), the next claims and publishes. 1: one at a time.
+    pipeline: int = 2
     publish_timeout: float = 5.0
     poll_interval: float = 2.0
     retry: Backoff = field(default_factory=Backoff)  # of a failed event; then quarantine
@@ -169,6 +173,10 @@ class OutboxRelay:
         self._pruned_at = 0.0
         self._notified: set[int] = set()  # row ids notified and not yet seen claimed
         self._look_anyway = False  # a wake-up without a row id: claim whatever is there
+        self._last_full = False  # the last claim locked a full batch: there may be more
+        self._in_flight = 0  # own batches between their claim and their commit
+        self._held_for_later: set[int] = set()  # held behind an own batch: look at its end
+        self._wakeup: asyncio.Event | None = None
         # Notifications often arrive after their row was claimed: those wake nobody.
         self._claimed = _RecentIds(limit=4 * self.settings.batch_size)
         # A frozen relay must not hold its claimed rows for ever: the pool ends transactions
@@ -185,25 +193,64 @@ class OutboxRelay:
 
     async def relay_batch(self, token: int) -> BatchReport:
         """Claim, publish, fence and mark one batch in one transaction."""
+        return await self._batch(token)
+
+    async def _batch(self, token: int, claimed: Callable[[], None] | None = None) -> BatchReport:
+        """One batch; ``claimed`` is called once its rows are locked (the next may claim)."""
         await self._publisher.ready()  # no claim (and no open transaction) while it is down
         started = time.perf_counter()
-        async with self._db.pool.acquire() as conn, conn.transaction():
-            if self._idle_limit > self._db.idle_in_transaction_timeout:
-                await _limit_idle_time(conn, self._idle_limit)
-            events = await claim_batch(conn, limit=self.settings.batch_size)
-            for event in events:
-                self._claimed.add(event.sequence)
-            self._notified.difference_update(e.sequence for e in events)
-            if not events:
-                return BatchReport(0, 0, 0, 0, (), None)
-            outcome = await self._publisher.publish(events)
-            if self._after_confirm is not None:
-                await self._after_confirm(outcome.confirmed)
-            await self._fence(conn, token)
-            quarantined = await self._record(conn, outcome)
-        report = self._report(events, outcome, quarantined)
+        held: list[int] = []
+        siblings = self._in_flight
+        in_flight = False
+        try:
+            async with self._db.pool.acquire() as conn, conn.transaction():
+                if self._idle_limit > self._db.idle_in_transaction_timeout:
+                    await _limit_idle_time(conn, self._idle_limit)
+                claim = await self._claim(conn)
+                held, siblings = claim.held, max(siblings, self._in_flight)
+                if claimed is not None:
+                    claimed()
+                if not claim.events:
+                    return BatchReport(0, 0, 0, 0, (), None)
+                self._in_flight += 1
+                in_flight = True
+                outcome = await self._publisher.publish(claim.events)
+                if self._after_confirm is not None:
+                    await self._after_confirm(outcome.confirmed)
+                await self._fence(conn, token)
+                quarantined = await self._record(conn, outcome)
+        finally:
+            if in_flight:
+                self._in_flight -= 1
+            self._batch_ended(held if siblings else [])
+        report = self._report(claim.events, outcome, quarantined)
         self._observe(report, time.perf_counter() - started)
         return report
+
+    async def _claim(self, conn: DbConn) -> Claim:
+        # Rows notified before the claim are visible to it: whether it takes them or not
+        # (held back, or another relay's), they need no batch of their own.
+        seen_before = set(self._notified)
+        self._look_anyway = False
+        claim = await claim_batch(conn, limit=self.settings.batch_size)
+        for event in claim.events:
+            self._claimed.add(event.sequence)
+        self._notified.difference_update(seen_before)
+        self._notified.difference_update(e.sequence for e in claim.events)
+        self._last_full = claim.locked >= self.settings.batch_size
+        return claim
+
+    def _batch_ended(self, held: list[int]) -> None:
+        """Rows held back behind one of our own batches: look again once it has ended (a
+        batch ends after every batch claimed before it, as the fence makes them queue).
+        Rows held behind another process's lock (a stale relay) wait for the poll."""
+        if self._held_for_later:
+            self._notified.update(self._held_for_later)
+            self._held_for_later.clear()
+            self._wake()
+        self._held_for_later.update(held)
+        if self._in_flight == 0 and self._held_for_later:
+            self._batch_ended([])  # nothing of ours in flight any more: look now
 
     async def claim_fence(self, token: int) -> None:
         """Record our token at once, so a stale leader's next marks fail even if we have
@@ -259,41 +306,86 @@ class OutboxRelay:
                 self._metrics.leader.set(0)
 
     async def _relay_until_lost(self, term: LeaderTerm, wakeup: asyncio.Event) -> None:
+        if not await self._fence_in(term):
+            return
+        self._wakeup = wakeup
+        self._look_anyway = True  # rows may be waiting from before this term
+        ended = asyncio.Event()  # fenced out: every worker stops
+        turn = asyncio.Lock()  # one worker at a time waits for work and claims
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(max(1, self.settings.pipeline)):
+                    group.create_task(self._work(term, turn, ended))
+        except BaseExceptionGroup as failed:  # a bug in one worker: report it, not a group
+            raise failed.exceptions[0] from None
+        finally:
+            self._wakeup = None
+
+    async def _fence_in(self, term: LeaderTerm) -> bool:
+        """Record our token before the first batch; False if a newer leader exists."""
         trouble = 0
-        fenced_in = False
         while not term.lost.is_set():
-            # Rows notified before this batch are visible to its claim: whether it takes
-            # them or not (held back, another relay's), they need no batch of their own.
-            seen_before = set(self._notified)
-            self._look_anyway = False
             try:
-                if not fenced_in:
-                    await self.claim_fence(term.token)
-                    fenced_in = True
-                report = await self.relay_batch(term.token)
-                await self._maybe_prune()
+                await self.claim_fence(term.token)
+                return True
             except FencedOut as exc:
-                log.warning("outbox.relay_fenced", token=term.token, error=str(exc))
-                if self._metrics is not None:
-                    self._metrics.fenced.inc()
-                return  # a newer leader exists: end this term
+                self._fenced(term, exc)
+                return False
             except Exception as exc:
                 if not is_transient(exc):
-                    raise  # a bug: the election logs it and runs the work again after a backoff
+                    raise
                 trouble += 1
                 await self._back_off(trouble, exc)
+        return False
+
+    async def _work(self, term: LeaderTerm, turn: asyncio.Lock, ended: asyncio.Event) -> None:
+        """One pipeline worker: take the turn, wait for work, claim, pass the turn on, then
+        publish, fence and mark while the next worker claims."""
+        trouble = 0
+        while not (term.lost.is_set() or ended.is_set()):
+            report = None
+            async with _Turn(turn) as mine:
+                try:
+                    if await self._idle(ended):
+                        report = await self._batch(term.token, claimed=mine.pass_on)
+                        await self._maybe_prune()
+                except FencedOut as exc:
+                    self._fenced(term, exc)
+                    ended.set()
+                    self._wake()  # a worker waiting for work stops too
+                    return
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise  # a bug: the election logs it and runs the work again
+                    mine.pass_on()
+                    trouble += 1
+                    await self._back_off(trouble, exc)
+                    self._look_anyway = True  # what that batch had claimed is still there
+                    continue
+            if report is None:
                 continue
             trouble = 0 if report.outage is None else trouble + 1
-            self._notified.difference_update(seen_before)
             if report.outage is not None:
                 await self._back_off(trouble, report.outage)
-            elif report.claimed < self.settings.batch_size and not self._more_notified():
-                wakeup.clear()
-                await _wait(wakeup, self._idle_wait())
+                self._look_anyway = True  # the held rows are due again
 
-    def _more_notified(self) -> bool:
-        """Whether a notification arrived during the batch for a row it did not claim."""
-        return self._look_anyway or bool(self._notified)
+    async def _idle(self, ended: asyncio.Event) -> bool:
+        """Wait until there may be rows to claim; False when the term ended meanwhile."""
+        if not (self._last_full or self._look_anyway or self._notified):
+            wakeup = self._wakeup
+            assert wakeup is not None
+            wakeup.clear()
+            await _wait(wakeup, self._idle_wait())
+        return not ended.is_set()
+
+    def _fenced(self, term: LeaderTerm, exc: FencedOut) -> None:
+        log.warning("outbox.relay_fenced", token=term.token, error=str(exc))
+        if self._metrics is not None:
+            self._metrics.fenced.inc()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def _on_notify(self, wakeup: asyncio.Event, payload: str) -> None:
         if payload.isdigit():
@@ -356,6 +448,28 @@ async def _limit_idle_time(conn: DbConn, seconds: float) -> None:
         "SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
         f"{int(seconds * 1000)}ms",
     )
+
+
+class _Turn:
+    """Holds the pipeline's turn until ``pass_on()`` (called once a batch has claimed) or
+    the end of the block, whichever comes first."""
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self._lock = lock
+        self._held = False
+
+    async def __aenter__(self) -> _Turn:
+        await self._lock.acquire()
+        self._held = True
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.pass_on()
+
+    def pass_on(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
 
 
 class _RecentIds:

@@ -158,11 +158,11 @@ def _check_headers(headers: Mapping[str, str]) -> None:
 
 # The claim, one statement (public so tests can EXPLAIN it).
 #
-# SKIP LOCKED: two relays never claim the same row, and a stale one never blocks us. But a
-# row skipped because a stale relay (paused mid-batch, its lease gone) still holds it must
-# not be overtaken by its aggregate's later rows: the outer query drops every row with an
-# earlier unpublished row of its aggregate outside this claim. The dropped rows stay locked
-# until commit, unpublished, and come back in a later batch.
+# SKIP LOCKED: two relays (or two batches of one relay) never claim the same row, and a
+# stale relay never blocks us. But a row must not overtake an earlier unpublished row of
+# its aggregate that someone else holds (a stale relay paused mid-batch, or the relay's
+# own batch still waiting for its confirms): such rows come back flagged ``behind``; the
+# caller leaves them unpublished, locked until it commits, for a later batch.
 #
 # OFFSET 0 keeps each NOT EXISTS a per-row subplan (an index probe on the aggregate's key).
 # Without it Postgres turns them into anti-joins, and asyncpg's prepared statement keeps the
@@ -187,29 +187,46 @@ WITH claimed AS (
      ORDER BY o.id
      LIMIT $1
        FOR UPDATE OF o SKIP LOCKED)
-SELECT c.* FROM claimed c
- WHERE NOT EXISTS (
-         SELECT 1 FROM outbox e
-          WHERE e.aggregate_type = c.aggregate_type
-            AND e.aggregate_id = c.aggregate_id
-            AND e.published_at IS NULL
-            AND e.id < c.id
-            AND e.id NOT IN (SELECT id FROM claimed)
-         OFFSET 0)
+SELECT c.*,
+       EXISTS (SELECT 1 FROM outbox e
+                WHERE e.aggregate_type = c.aggregate_type
+                  AND e.aggregate_id = c.aggregate_id
+                  AND e.published_at IS NULL
+                  AND e.id < c.id
+                  AND e.id NOT IN (SELECT id FROM claimed)
+               OFFSET 0) AS behind
+  FROM claimed c
  ORDER BY c.id
 """
 
 
-async def claim_batch(conn: DbConn, *, limit: int) -> list[OutgoingEvent]:
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One claim: the rows to publish now, and the ids of rows locked but held back behind
+    an earlier row of their aggregate that someone else holds (retry after that one)."""
+
+    events: list[OutgoingEvent]
+    held: list[int]
+
+    @property
+    def locked(self) -> int:
+        return len(self.events) + len(self.held)
+
+
+async def claim_batch(conn: DbConn, *, limit: int) -> Claim:
     """Lock up to ``limit`` due rows in id order, for the rest of the caller's transaction.
 
     Never a ``WHERE id > last_seen`` high-water mark: ids are taken at insert, not at commit,
     so a row with a smaller id can become visible after a larger one. A row is skipped while
-    an earlier event of its aggregate is waiting out a backoff or is quarantined, so one
-    aggregate's events never overtake each other.
+    an earlier event of its aggregate is waiting out a backoff or is quarantined, and held
+    back while another transaction holds one, so one aggregate's events never overtake each
+    other.
     """
     rows = await conn.fetch(CLAIM_SQL, limit)
-    return [_outgoing(r) for r in rows]
+    return Claim(
+        events=[_outgoing(r) for r in rows if not r["behind"]],
+        held=[r["id"] for r in rows if r["behind"]],
+    )
 
 
 def _outgoing(row: asyncpg.Record) -> OutgoingEvent:
