@@ -36,10 +36,11 @@ async def get_reservation(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record |
 
 
 async def reservation_items(conn: DbConn, reservation_id: uuid.UUID) -> list[asyncpg.Record]:
-    """The lines of a reservation, by SKU."""
+    """The lines of a reservation, by SKU in code point order (as reserve_stock takes them,
+    so a retried reserve answers with its lines in the order of the first answer)."""
     return await conn.fetch(
         "SELECT sku, quantity, unit_price FROM reservation_items"
-        " WHERE reservation_id = $1 ORDER BY sku",
+        ' WHERE reservation_id = $1 ORDER BY sku COLLATE "C"',
         reservation_id,
     )
 

@@ -11,6 +11,12 @@ A crash anywhere before the commit leaves the rows unpublished, so they are sent
 delivery is at least once, and consumers' inbox makes it exactly-once in effect. A stale
 leader (paused past its lease) is rejected at the fence and its transaction rolls back.
 
+Two batches are in flight at once (``RelaySettings.pipeline``): as soon as one has claimed
+its rows, the next may claim, so new rows do not wait for the broker's confirms and the
+Postgres round trips of one batch overlap the publishing of the other. An aggregate's row
+is never claimed while an earlier row of it is in another batch (``claim_batch`` holds it
+back); it is looked at again when that batch ends.
+
 The relay wakes on ``LISTEN ordermesh_outbox`` (``add_event`` notifies on commit, with the
 row id) and polls every ``poll_interval`` in case a notification is missed (e.g. while the
 listener reconnects). A notification for a row the last batch already claimed starts no new
