@@ -7,7 +7,7 @@ together mean much. Groups (``--only``):
 * ``saga``       saga throughput vs the bare saga, latency at 25/50/100 orders/s (bench/saga.py)
 * ``client_cpu`` ServiceClient CPU per call vs raw aiohttp and httpx (bench/client_cpu.py)
 * ``relay``      relay events/s vs raw pipelined publish and the seed's relay, commit ->
-                 consumer latency at 1,000 events/s (bench/relay.py)
+                 consumer latency at 1,000 and 500 events/s (bench/relay.py)
 * ``failover``   open-breaker rejection, dead instance, relay leader failover, saga recovery
                  (bench/failover.py)
 
@@ -64,7 +64,7 @@ PACKAGES = (
 )
 
 if TYPE_CHECKING:  # at run time bench modules import lazily, once the path is set
-    from bench.saga import Figure
+    from bench.saga import Figure, Target
 
 Group = Callable[[bool], Awaitable[list["Figure"]]]
 
@@ -119,18 +119,61 @@ async def client_cpu_group(smoke: bool) -> list[Figure]:
 async def relay_group(smoke: bool) -> list[Figure]:
     """bench/relay.py's throughput variants and its commit -> consumer latency, 3 runs each."""
     from bench import relay
-    from bench.saga import Figure, Target
+    from bench.saga import Target
 
     runs = 1 if smoke else 3
     async with relay.scratch(500) as scratch:
         variants = await relay.throughput(scratch, events=2000 if smoke else 10_000, runs=runs)
-        latencies = [
-            await relay.latency(scratch, rate=1000.0, seconds=2.0 if smoke else 5.0)
-            for _ in range(runs)
-        ]
+        lags: dict[int, list[dict[str, Any]]] = {500: [], 1000: []}
+        for _ in range(runs):  # alternating rates: a noisy moment hits both
+            for rate, results in lags.items():
+                seconds = 2.0 if smoke else 5.0
+                results.append(await relay.latency(scratch, rate=float(rate), seconds=seconds))
     ours = variants["relay"]["runs_events_per_s"]
     note = "outbox rows -> durable quorum queue, persistent, confirmed (bench/relay.py)"
-    lag_note = "transaction start -> consumer handler, Postgres clock; producer ~1,000 events/s"
+    return [
+        *_relay_throughput_figures(variants, ours, note),
+        *_latency_figures(lags[1000], "1,000", Target("value", "<=", 50, "<= 50 ms")),
+        *_latency_figures(lags[500], "500", None),
+    ]
+
+
+def _latency_figures(
+    lags: list[dict[str, Any]], rate: str, p99_target: Target | None
+) -> list[Figure]:
+    from bench.saga import Figure
+
+    note = (
+        "the producer's COMMIT returning -> the consumer's handler (one machine clock); "
+        "producer, relay and consumer are processes of their own"
+    )
+    detail = {
+        "achieved_events_per_s": [lag["achieved_events_per_s"] for lag in lags],
+        "commit_to_relay_claim_p99_ms": [lag["relay_claimed_p99_ms"] for lag in lags],
+    }
+    return [
+        Figure(
+            f"commit -> consumer latency p50 at {rate} events/s",
+            "ms",
+            [lag["p50_ms"] for lag in lags],
+            note=note,
+        ),
+        Figure(
+            f"commit -> consumer latency p99 at {rate} events/s",
+            "ms",
+            [lag["p99_ms"] for lag in lags],
+            target=p99_target,
+            note=note,
+            detail=detail,
+        ),
+    ]
+
+
+def _relay_throughput_figures(
+    variants: dict[str, Any], ours: list[float], note: str
+) -> list[Figure]:
+    from bench.saga import Figure, Target
+
     return [
         Figure(
             "relay events/s vs raw pipelined publish",
@@ -149,20 +192,6 @@ async def relay_group(smoke: bool) -> list[Figure]:
             "seed relay (100 rows, one publish and update at a time)",
             Target("ratio", ">=", 5, ">= 5x seed relay"),
             note=note,
-        ),
-        Figure(
-            "commit -> consumer latency p50 at 1,000 events/s",
-            "ms",
-            [lag["p50_ms"] for lag in latencies],
-            note=lag_note,
-        ),
-        Figure(
-            "commit -> consumer latency p99 at 1,000 events/s",
-            "ms",
-            [lag["p99_ms"] for lag in latencies],
-            target=Target("value", "<=", 50, "<= 50 ms"),
-            note=lag_note,
-            detail={"achieved_events_per_s": [lag["achieved_events_per_s"] for lag in latencies]},
         ),
     ]
 
