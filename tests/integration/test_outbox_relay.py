@@ -26,7 +26,14 @@ from ordermesh_shared.messaging.envelope import Event, OutgoingEvent
 from ordermesh_shared.messaging.topology import Topology, declare_consumer_queue
 from ordermesh_shared.outbox import NotInTransaction, add_event
 from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader
-from ordermesh_shared.outbox.store import CLAIM_SQL, Backoff, list_quarantined, redrive
+from ordermesh_shared.outbox.store import (
+    CLAIM_SQL,
+    PRUNE_SQL,
+    RECORD_FAILURES_SQL,
+    Backoff,
+    list_quarantined,
+    redrive,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -324,22 +331,54 @@ async def test_claim_planned_on_an_empty_outbox_stays_cheap_on_a_backlog(db: Dat
     # its plan. That plan must still probe each aggregate by index when a backlog builds up,
     # not scan every unpublished row once per claimed row. Buffers touched, unlike time,
     # do not depend on how busy the machine is.
-    async with db.pool.acquire() as conn, conn.transaction():
-        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        await conn.execute(f"PREPARE claim(int) AS {CLAIM_SQL}")
-        await conn.execute("EXECUTE claim(500)")  # planned now, on an empty table
-        await conn.execute(
-            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload)"
-            " SELECT gen_random_uuid(), 'thing', 't' || (i % 1000), 'updated', '{}'"
-            "   FROM generate_series(1, 6000) i"
-        )
-        await conn.execute("UPDATE outbox SET published_at = now() WHERE id <= 3000")
-        plan = await conn.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE claim(500)")
-        await conn.execute("DEALLOCATE claim")
-    top = orjson.loads(plan)[0]["Plan"]
-    assert top["Actual Rows"] == 500
-    buffers = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
+    plan = await _plan_made_empty_run_full(db, CLAIM_SQL, "500")
+    assert plan["Actual Rows"] == 500
+    buffers = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
     assert buffers < 20 * 500, f"{buffers} buffers for a 500-row claim"
+
+
+async def test_failure_and_prune_statements_planned_empty_stay_cheap(db: Database) -> None:
+    # The same trap: a burst of failed publishes is typical at start-up (queues not bound
+    # yet), and the prune runs from the first batch on, both while the outbox is small.
+    failures = await _plan_made_empty_run_full(
+        db, RECORD_FAILURES_SQL, "ARRAY[3001, 3002]::bigint[], ARRAY['x', 'y'], 0.05, 60, 5"
+    )
+    assert failures["Actual Rows"] == 2
+    nothing_due = await _plan_made_empty_run_full(db, PRUNE_SQL, "604800, 5000")
+    for plan in (failures, nothing_due):
+        buffers = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+        assert buffers < 100, f"{buffers} buffers (the outbox has 6,000 rows)"
+
+
+async def _plan_made_empty_run_full(db: Database, sql: str, args: str) -> dict[str, Any]:
+    """EXPLAIN ANALYZE of ``sql`` with the generic plan made while the outbox was empty,
+    run on 6,000 rows (3,000 published a moment ago, 3,000 waiting). Rolled back."""
+    async with db.pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+                await conn.execute(f"PREPARE stmt AS {sql}")
+                await conn.execute(f"EXPLAIN ANALYZE EXECUTE stmt({args})")  # planned: empty
+                await conn.execute(
+                    "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,"
+                    " payload) SELECT gen_random_uuid(), 'thing', 't' || (i % 1000), 'updated',"
+                    " '{}' FROM generate_series(1, 6000) i"
+                )
+                await conn.execute("UPDATE outbox SET published_at = now() WHERE id <= 3000")
+                plan = await conn.fetchval(
+                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE stmt({args})"
+                )
+                raise _RollBack
+        except _RollBack:
+            pass
+        finally:
+            await conn.execute("DEALLOCATE ALL")  # prepared statements outlive a rollback
+    top: dict[str, Any] = orjson.loads(plan)[0]["Plan"]
+    return top
+
+
+class _RollBack(Exception):
+    pass
 
 
 async def test_pipelined_batches_keep_each_aggregate_in_order(db: Database, broker: Broker) -> None:

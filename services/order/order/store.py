@@ -94,16 +94,23 @@ async def list_orders(
 ) -> list[asyncpg.Record]:
     """Newest first, filtered, with ``items`` and ``steps`` as in :func:`get_full_order`;
     ``after`` is the (created_at, id) of the previous page's end."""
+    # Only the filters given, not "($1 IS NULL OR status = $1)": a generic plan of that
+    # (asyncpg keeps one per statement) cannot use an index and scans the table.
+    conditions: list[str] = []
+    args: list[Any] = []
+    if status is not None:
+        args.append(status)
+        conditions.append(f"status = ${len(args)}")
+    if customer_id is not None:
+        args.append(customer_id)
+        conditions.append(f"customer_id = ${len(args)}")
+    if after is not None:
+        args.extend(after)
+        conditions.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    args.append(limit)
     return await conn.fetch(
-        f"{_FULL_ORDER}"
-        " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR customer_id = $2)"
-        "   AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))"
-        " ORDER BY created_at DESC, id DESC LIMIT $5",
-        status,
-        customer_id,
-        after[0] if after else None,
-        after[1] if after else None,
-        limit,
+        f"{_FULL_ORDER}{where} ORDER BY created_at DESC, id DESC LIMIT ${len(args)}", *args
     )
 
 

@@ -2,10 +2,11 @@
 
 The batch is split into one *chain* per aggregate (its events in id order). All chains run at
 once, so the broker sees many publishes in flight, each awaiting its own confirm (one
-timeout covers the batch); within a chain an event is sent only after the previous one was confirmed. So when
-an event fails, its aggregate's later events have not been sent, and they are *held* (left
-unpublished, without counting an attempt) instead of overtaking it. Events of different
-aggregates never wait for each other; most batches hold one or two events per aggregate.
+timeout covers the batch); within a chain an event is sent only after the previous one was
+confirmed. So when an event fails, its aggregate's later events have not been sent, and
+they are *held* (left unpublished, without counting an attempt) instead of overtaking it.
+Events of different aggregates never wait for each other; most batches hold one or two
+events per aggregate.
 
 Failures come in two kinds:
 

@@ -61,6 +61,10 @@ from ordermesh_shared.outbox.store import (
 log = structlog.get_logger(__name__)
 
 
+_PRUNE_CHUNK = 5000  # rows per DELETE
+_PRUNE_ROUNDS = 100  # DELETEs per prune, at most (500,000 rows per prune_interval)
+
+
 class FencedOut(Exception):
     """A newer relay leader has written to the outbox: this one must stop (raised by ``Fence``)."""
 
@@ -421,8 +425,17 @@ class OutboxRelay:
         if time.monotonic() - self._pruned_at < self.settings.prune_interval:
             return
         self._pruned_at = time.monotonic()
-        async with self._db.pool.acquire() as conn:
-            pruned = await prune_published(conn, older_than_seconds=self.settings.prune_after)
+        pruned = 0
+        # Chunks of _PRUNE_CHUNK (short statements), until caught up: one chunk per interval
+        # would fall behind any service publishing more than ~8 events/s.
+        for _ in range(_PRUNE_ROUNDS):
+            async with self._db.pool.acquire() as conn:
+                deleted = await prune_published(
+                    conn, older_than_seconds=self.settings.prune_after, limit=_PRUNE_CHUNK
+                )
+            pruned += deleted
+            if deleted < _PRUNE_CHUNK:
+                break
         if pruned:
             log.info("outbox.pruned", rows=pruned)
 

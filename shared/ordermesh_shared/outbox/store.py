@@ -252,6 +252,20 @@ async def mark_published(conn: DbConn, row_ids: Sequence[int]) -> None:
         )
 
 
+RECORD_FAILURES_SQL = """
+UPDATE outbox o
+   SET attempts = o.attempts + 1,
+       last_error = f.error,
+       next_attempt_at = now() + make_interval(
+           secs => least($4::float8, $3::float8 * 2 ^ o.attempts) * (1 + random())),
+       quarantined_at = CASE WHEN o.attempts + 1 >= $5 THEN now() END
+  FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+ WHERE o.id = f.id AND o.id = ANY($1::bigint[])
+RETURNING o.id, o.quarantined_at IS NOT NULL AS quarantined,
+          extract(epoch FROM o.next_attempt_at - now())::float8 AS retry_in
+"""
+
+
 async def record_failures(
     conn: DbConn, failures: Sequence[Failure], *, backoff: Backoff
 ) -> FailureRecord:
@@ -259,19 +273,10 @@ async def record_failures(
     if not failures:
         return FailureRecord([], None)
     # The delay grows with the row's own attempts; jitter spreads rows that failed together.
+    # "o.id = ANY(...)" besides the join: a plan cached while the outbox was small (a burst
+    # of failures at start-up is typical) would otherwise join by scanning the whole table.
     rows = await conn.fetch(
-        """
-        UPDATE outbox o
-           SET attempts = o.attempts + 1,
-               last_error = f.error,
-               next_attempt_at = now() + make_interval(
-                   secs => least($4::float8, $3::float8 * 2 ^ o.attempts) * (1 + random())),
-               quarantined_at = CASE WHEN o.attempts + 1 >= $5 THEN now() END
-          FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
-         WHERE o.id = f.id
-        RETURNING o.id, o.quarantined_at IS NOT NULL AS quarantined,
-                  extract(epoch FROM o.next_attempt_at - now())::float8 AS retry_in
-        """,
+        RECORD_FAILURES_SQL,
         [f.row_id for f in failures],
         [f.error[:2000] for f in failures],
         backoff.base,
@@ -335,15 +340,20 @@ async def redrive(conn: DbConn, event_ids: Sequence[uuid.UUID] | None = None) ->
     return [r["event_id"] for r in rows]
 
 
+PRUNE_SQL = """
+DELETE FROM outbox WHERE id = ANY(ARRAY(
+    SELECT id FROM outbox
+     WHERE published_at < now() - make_interval(secs => $1)
+     ORDER BY published_at LIMIT $2))
+"""
+
+
 async def prune_published(conn: DbConn, *, older_than_seconds: float, limit: int = 5000) -> int:
     """Delete up to ``limit`` rows published longer ago than ``older_than_seconds``."""
+    # Oldest first along the published_at index (it stops at once when nothing is due), then
+    # a primary-key probe per row: "id IN (subquery)" was planned as a scan of the table.
     result = await conn.execute(
-        """
-        DELETE FROM outbox WHERE id IN (
-            SELECT id FROM outbox
-             WHERE published_at < now() - make_interval(secs => $1)
-             ORDER BY id LIMIT $2)
-        """,
+        PRUNE_SQL,
         older_than_seconds,
         limit,
     )
