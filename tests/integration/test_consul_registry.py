@@ -271,23 +271,26 @@ async def test_the_watch_recovers_after_the_agent_was_unreachable(
 
 
 async def test_an_index_that_goes_backwards_restarts_the_blocking_loop(
-    consul_double: ConsulDoubleServer, registry: ConsulRegistry, server: InstanceServer
+    consul_double: ConsulDoubleServer, server: InstanceServer
 ) -> None:
     agent = consul_double.agent
-    await registry.watch("payment")
-    await registry.register(server.instance)
-    await listed(registry, server)
-    rewound_at = asyncio.get_running_loop().time()
+    # A short wait: should the rewind land between two queries, the next one (at the old,
+    # now too high index) blocks until its wait runs out before the index is seen to drop.
+    async with fast_registry(consul_double.url, wait="300ms") as registry:
+        await registry.watch("payment")
+        await registry.register(server.instance)
+        await listed(registry, server)
+        rewound_at = asyncio.get_running_loop().time()
 
-    agent.rewind(to=2)  # a snapshot restore: indexes drop, blocked queries return
+        agent.rewind(to=2)  # a snapshot restore: indexes drop, blocked queries return
 
-    def plain_read_after_rewind() -> bool:
-        later = [r for r in agent.requests_to(HEALTH) if r.at > rewound_at]
-        return any("index" not in r.query for r in later)
+        def plain_read_after_rewind() -> bool:
+            later = [r for r in agent.requests_to(HEALTH) if r.at > rewound_at]
+            return any("index" not in r.query for r in later)
 
-    await eventually(plain_read_after_rewind, "a plain read after the index went backwards")
-    server.ready = False
-    assert await eventually(lambda: registry.instances("payment") == (), "delivered") < 1.0
+        await eventually(plain_read_after_rewind, "a plain read after the index went backwards")
+        server.ready = False
+        assert await eventually(lambda: registry.instances("payment") == (), "delivered") < 1.0
 
 
 async def test_a_zero_index_never_turns_the_watch_into_a_busy_loop(
