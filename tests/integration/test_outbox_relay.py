@@ -25,12 +25,16 @@ from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
 from ordermesh_shared.messaging.envelope import Event, OutgoingEvent
 from ordermesh_shared.messaging.topology import Topology, declare_consumer_queue
 from ordermesh_shared.outbox import NotInTransaction, add_event
+from ordermesh_shared.outbox import relay as relay_module
+from ordermesh_shared.outbox.publisher import BatchOutcome
 from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader
 from ordermesh_shared.outbox.store import (
     CLAIM_SQL,
     PRUNE_SQL,
     RECORD_FAILURES_SQL,
     Backoff,
+    Claim,
+    claim_batch,
     list_quarantined,
     redrive,
 )
@@ -167,6 +171,10 @@ async def _has_effects(db: Database, count: int) -> bool:
     return len(await effects(db)) >= count
 
 
+async def _all_marked(db: Database) -> bool:
+    return await unpublished(db) == 0
+
+
 async def test_message_carries_the_cloudevents_envelope(
     db: Database, broker: Broker, rabbit_vhost: str
 ) -> None:
@@ -220,6 +228,7 @@ async def test_poison_row_is_quarantined_while_the_rest_flow(db: Database, broke
         async with db.pool.acquire() as conn:
             assert await redrive(conn) == [poison]
         await eventually(lambda: _has_effects(db, 23))
+        await eventually(lambda: _all_marked(db))  # marks commit after the confirms
     versions = [r["version"] for r in await effects(db) if r["aggregate_id"] == "a"]
     assert versions == [1, 2, 3]  # the held event came after the re-driven one
     assert await unpublished(db) == 0
@@ -299,6 +308,7 @@ async def test_events_committed_during_a_batch_are_not_left_for_the_poll(
         await asyncio.sleep(0.2)  # leading and listening
         await asyncio.gather(*(writer() for _ in range(6)))
         await eventually(lambda: _has_effects(db, 240), timeout=20)
+        await eventually(lambda: _all_marked(db))
     assert await unpublished(db) == 0
 
 
@@ -408,6 +418,105 @@ async def test_pipelined_batches_keep_each_aggregate_in_order(db: Database, brok
         assert sorted(r["aggregate_id"] for r in await effects(db)) == ["a", "b"]
         release.set()
         await eventually(lambda: _has_effects(db, 3), timeout=5)
+        await eventually(lambda: _all_marked(db))
     applied = [(r["aggregate_id"], r["version"]) for r in await effects(db)]
     assert [v for a, v in applied if a == "a"] == [1, 2]
+    assert await unpublished(db) == 0
+
+
+def counting_claims(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(events, held) of every claim the relay makes from now on."""
+    claims: list[tuple[int, int]] = []
+
+    async def counting(conn: DbConn, *, limit: int) -> Claim:
+        claim = await claim_batch(conn, limit=limit)
+        claims.append((len(claim.events), len(claim.held)))
+        return claim
+
+    monkeypatch.setattr(relay_module, "claim_batch", counting)
+    return claims
+
+
+async def test_no_claim_after_claim_while_a_full_batch_waits_behind_the_other(
+    db: Database, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 20 events of one aggregate, batches of 5: while the first batch is held after its
+    # confirms, the next claim holds 5 rows behind it. Claiming those again and again until
+    # the first batch ends would be a busy loop (a full claim that publishes nothing).
+    claims = counting_claims(monkeypatch)
+    first_confirmed, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_first_batch(events: Sequence[OutgoingEvent]) -> None:
+        if not first_confirmed.is_set():
+            first_confirmed.set()
+            await release.wait()
+
+    for _ in range(20):
+        await commit_event(db, "a")
+    settings = replace(FAST, batch_size=5, poll_interval=3600.0, pipeline=2)
+    relay = OutboxRelay(
+        db, broker, service=SERVICE, settings=settings, after_confirm=hold_the_first_batch
+    )
+    async with consuming(db, broker), background(relay.run(SoleLeader())):
+        async with asyncio.timeout(10):
+            await first_confirmed.wait()
+        before = len(claims)
+        await asyncio.sleep(1.0)
+        during = claims[before:]
+        release.set()
+        await eventually(lambda: _has_effects(db, 20), timeout=10)
+    assert len(during) <= 2, f"{len(during)} claims in 1 s behind a held batch"
+    assert [r["version"] for r in await effects(db)] == list(range(1, 21))
+
+
+@pytest.mark.parametrize("pipeline", [1, 2])
+async def test_no_claim_after_claim_behind_a_stale_relay(
+    db: Database, broker: Broker, monkeypatch: pytest.MonkeyPatch, pipeline: int
+) -> None:
+    claims = counting_claims(monkeypatch)
+    for _ in range(20):
+        await commit_event(db, "a")
+    settings = replace(FAST, batch_size=5, poll_interval=3600.0, pipeline=pipeline)
+    relay = OutboxRelay(db, broker, service=SERVICE, settings=settings)
+    async with db.pool.acquire() as stale, stale.transaction():
+        await stale.execute("SELECT 1 FROM outbox ORDER BY id LIMIT 5 FOR UPDATE")
+        async with consuming(db, broker), background(relay.run(SoleLeader())):
+            await asyncio.sleep(1.0)
+    assert 1 <= len(claims) <= 3, f"{len(claims)} claims in 1 s behind a stale relay"
+    assert not await effects(db)  # all 20 wait behind the stale relay's rows
+
+
+class _OneBadBatch:
+    """The relay's first batch goes wrong (``kind``: the broker is out, or the broker
+    refuses every event); later batches publish for real."""
+
+    def __init__(self, relay: OutboxRelay, kind: str) -> None:
+        self._real = relay._publisher.publish
+        self._kind = kind
+        self._done = False
+        relay._publisher.publish = self.publish  # type: ignore[method-assign]
+
+    async def publish(self, events: Sequence[OutgoingEvent]) -> BatchOutcome:
+        if self._done:
+            return await self._real(events)
+        self._done = True
+        if self._kind == "outage":
+            return BatchOutcome(held=list(events), outage=TimeoutError("injected"))
+        return BatchOutcome(failed=[(e, RuntimeError("injected nack")) for e in events])
+
+
+@pytest.mark.parametrize("pipeline", [1, 2])
+@pytest.mark.parametrize("kind", ["outage", "failed"])
+async def test_a_bad_batch_is_retried_after_its_backoff_not_at_the_poll(
+    db: Database, broker: Broker, pipeline: int, kind: str
+) -> None:
+    # While one worker backs off, the other waits for work: it must be woken for the retry.
+    settings = replace(FAST, poll_interval=3600.0, pipeline=pipeline)
+    relay = OutboxRelay(db, broker, service=SERVICE, settings=settings)
+    _OneBadBatch(relay, kind)
+    async with consuming(db, broker), background(relay.run(SoleLeader())):
+        await asyncio.sleep(0.3)  # the workers are idle
+        await commit_event(db, "a")
+        await eventually(lambda: _has_effects(db, 1), timeout=5)
+        await eventually(lambda: _all_marked(db))
     assert await unpublished(db) == 0

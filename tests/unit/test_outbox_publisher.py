@@ -7,12 +7,15 @@ import asyncio
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 import aiormq.exceptions
 import pytest
 from ordermesh_shared.broker import BrokerUnavailable
 from ordermesh_shared.messaging.envelope import OutgoingEvent
-from ordermesh_shared.outbox.publisher import chains, is_outage, publish_in_order
+from ordermesh_shared.messaging.topology import Topology
+from ordermesh_shared.outbox import publisher as publisher_module
+from ordermesh_shared.outbox.publisher import EventPublisher, chains, is_outage, publish_in_order
 from pamqp.commands import Basic
 
 
@@ -128,3 +131,49 @@ async def test_a_stuck_confirm_holds_the_unconfirmed_rest_of_the_batch() -> None
     assert names(outcome.held) == ["a2", "a3"]
     assert isinstance(outcome.outage, TimeoutError)
     assert outcome.failed == []
+
+
+async def test_a_slow_but_steady_chain_is_not_an_outage() -> None:
+    # The timer measures the gap between confirms, not the batch: one aggregate's five
+    # events confirmed 50 ms apart take 250 ms in all, more than the 120 ms allowed.
+    async def publish(event: OutgoingEvent) -> None:
+        await asyncio.sleep(0.05)
+
+    outcome = await publish_in_order(batch("a", "a", "a", "a", "a"), publish, within=0.12)
+    assert names(outcome.confirmed) == ["a1", "a2", "a3", "a4", "a5"]
+    assert outcome.outage is None
+
+
+class FakeChannel:
+    def __init__(self, opened: list[FakeChannel]) -> None:
+        self.is_closed = False
+        opened.append(self)
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+
+async def test_batches_reopening_the_channel_together_open_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The relay's two batches share one publisher; after the broker closed its channel both
+    # may ask for it at once. Two channels opened would leave one open with no owner.
+    opened: list[FakeChannel] = []
+
+    class FakeConnection:
+        async def channel(self, **_options: object) -> FakeChannel:
+            await asyncio.sleep(0.01)
+            return FakeChannel(opened)
+
+    async def declare(_channel: object, _topology: object) -> object:
+        await asyncio.sleep(0.01)
+        return object()
+
+    monkeypatch.setattr(publisher_module, "open_connection", lambda _source: FakeConnection())
+    monkeypatch.setattr(publisher_module, "declare_events_exchange", declare)
+    source: Any = object()  # never used: open_connection is replaced
+    publisher = EventPublisher(source, service="shop", topology=Topology(), timeout=1.0)
+    await asyncio.gather(publisher.ready(), publisher.ready())
+    await publisher.close()
+    assert len(opened) == 1
+    assert all(channel.is_closed for channel in opened)

@@ -1,12 +1,12 @@
 """Publishing a claimed batch: pipelined publisher confirms, per-aggregate order, outage vs poison.
 
 The batch is split into one *chain* per aggregate (its events in id order). All chains run at
-once, so the broker sees many publishes in flight, each awaiting its own confirm (one
-timeout covers the batch); within a chain an event is sent only after the previous one was
-confirmed. So when an event fails, its aggregate's later events have not been sent, and
-they are *held* (left unpublished, without counting an attempt) instead of overtaking it.
-Events of different aggregates never wait for each other; most batches hold one or two
-events per aggregate.
+once, so the broker sees many publishes in flight, each awaiting its own confirm (a batch
+with no confirm for ``timeout`` seconds is an outage); within a chain an event is sent only
+after the previous one was confirmed. So when an event fails, its aggregate's later events
+have not been sent, and they are *held* (left unpublished, without counting an attempt)
+instead of overtaking it. Events of different aggregates never wait for each other; most
+batches hold one or two events per aggregate.
 
 Failures come in two kinds:
 
@@ -83,14 +83,16 @@ async def publish_in_order(
 ) -> BatchOutcome:
     """Publish every aggregate's chain concurrently; a failure holds back the rest of its chain.
 
-    ``within`` (seconds) bounds the whole batch - one timer, not one per event: what is not
-    confirmed by then is held, as in any outage (a confirm that late means the broker is stuck).
+    ``within`` (seconds): one timer for the batch, pushed back by every confirm. When no
+    confirm came for that long the broker is stuck: what is not confirmed is held, as in any
+    outage. (A long chain of one aggregate, confirmed one by one, may take longer in all.)
     """
     outcome = BatchOutcome()
     try:
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(within) as timer:
+            progress = _Progress(timer, within)
             await asyncio.gather(
-                *(_publish_chain(chain, publish, outcome) for chain in chains(events))
+                *(_publish_chain(chain, publish, outcome, progress) for chain in chains(events))
             )
     except TimeoutError as exc:
         settled = {e.sequence for e in outcome.confirmed} | {e.sequence for e in outcome.held}
@@ -104,8 +106,21 @@ async def publish_in_order(
     return outcome
 
 
+class _Progress:
+    """Pushes the batch's deadline back whenever an event is confirmed."""
+
+    def __init__(self, timer: asyncio.Timeout, within: float | None) -> None:
+        self._timer = timer
+        self._within = within
+        self._loop = asyncio.get_running_loop()
+
+    def made(self) -> None:
+        if self._within is not None:
+            self._timer.reschedule(self._loop.time() + self._within)
+
+
 async def _publish_chain(
-    chain: list[OutgoingEvent], publish: PublishOne, outcome: BatchOutcome
+    chain: list[OutgoingEvent], publish: PublishOne, outcome: BatchOutcome, progress: _Progress
 ) -> None:
     for index, event in enumerate(chain):
         if outcome.outage is not None:
@@ -118,6 +133,7 @@ async def _publish_chain(
             outcome.held.extend(chain[index + 1 :])
             return
         outcome.confirmed.append(event)
+        progress.made()
 
 
 def _record_failure(outcome: BatchOutcome, event: OutgoingEvent, exc: Exception) -> None:
@@ -149,13 +165,25 @@ class EventPublisher:
         self._timeout = timeout
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._opening = asyncio.Lock()
 
     async def ready(self) -> None:
         """Open the confirm channel and declare the exchange if needed."""
-        if self._exchange is not None and self._channel is not None:
-            if not self._channel.is_closed:
+        if self._is_open():
+            return
+        # The relay's pipelined batches share this publisher: one opens, the other waits
+        # (two channels opened at once would leave one open and unowned).
+        async with self._opening:
+            if self._is_open():
                 return
             await self.close()  # e.g. closed by the broker after a channel error
+            await self._open()
+
+    def _is_open(self) -> bool:
+        channel = self._channel
+        return self._exchange is not None and channel is not None and not channel.is_closed
+
+    async def _open(self) -> None:
         connection = open_connection(self._source)
         try:
             async with asyncio.timeout(self._timeout):

@@ -14,8 +14,9 @@ leader (paused past its lease) is rejected at the fence and its transaction roll
 Two batches are in flight at once (``RelaySettings.pipeline``): as soon as one has claimed
 its rows, the next may claim, so new rows do not wait for the broker's confirms and the
 Postgres round trips of one batch overlap the publishing of the other. An aggregate's row
-is never claimed while an earlier row of it is in another batch (``claim_batch`` holds it
-back); it is looked at again when that batch ends.
+is never published while an earlier row of it is in another batch: the claim flags such a
+row ``behind`` and holds it back (locked, unpublished), and it is looked at again when that
+batch ends.
 
 The relay wakes on ``LISTEN ordermesh_outbox`` (``add_event`` notifies on commit, with the
 row id) and polls every ``poll_interval`` in case a notification is missed (e.g. while the
@@ -190,8 +191,9 @@ class OutboxRelay:
         # Notifications often arrive after their row was claimed: those wake nobody.
         self._claimed = _RecentIds(limit=4 * self.settings.batch_size)
         # A frozen relay must not hold its claimed rows for ever: the pool ends transactions
-        # idle past its limit (Database: 30 s). A batch may wait a publish timeout per event
-        # of an aggregate's chain, so a long publish timeout raises the limit, per batch.
+        # idle past its limit (Database: 30 s). A batch publishes for as long as confirms keep
+        # coming (the publish timeout is a gap between them), so a long publish timeout
+        # raises the limit, per batch.
         self._idle_limit = max(30.0, 6 * self.settings.publish_timeout)
 
     async def run(self, leadership: Leadership) -> None:
@@ -218,12 +220,13 @@ class OutboxRelay:
                     await _limit_idle_time(conn, self._idle_limit)
                 claim = await self._claim(conn)
                 held, siblings = claim.held, max(siblings, self._in_flight)
+                if claim.locked:  # counted while it holds locks, events or only held rows
+                    self._in_flight += 1
+                    in_flight = True
                 if claimed is not None:
                     claimed()
                 if not claim.events:
                     return BatchReport(0, 0, 0, 0, (), None)
-                self._in_flight += 1
-                in_flight = True
                 outcome = await self._publisher.publish(claim.events)
                 if self._after_confirm is not None:
                     await self._after_confirm(outcome.confirmed)
@@ -247,13 +250,16 @@ class OutboxRelay:
             self._claimed.add(event.sequence)
         self._notified.difference_update(seen_before)
         self._notified.difference_update(e.sequence for e in claim.events)
-        self._last_full = claim.locked >= self.settings.batch_size
+        # A full claim means more rows may wait - unless it publishes nothing: rows held back
+        # behind a lock would come back at once, claim after claim, until that lock goes.
+        self._last_full = bool(claim.events) and claim.locked >= self.settings.batch_size
         return claim
 
     def _batch_ended(self, held: list[int]) -> None:
-        """Rows held back behind one of our own batches: look again once it has ended (a
-        batch ends after every batch claimed before it, as the fence makes them queue).
-        Rows held behind another process's lock (a stale relay) wait for the poll."""
+        """Rows held back behind one of our own batches: look again when the next batch
+        ends, or at once when none is left in flight (a look too early only holds them
+        again, until a later end). Rows held behind another process's lock (a stale relay)
+        wait for the poll."""
         if self._held_for_later:
             self._notified.update(self._held_for_later)
             self._held_for_later.clear()
@@ -274,7 +280,9 @@ class OutboxRelay:
         record = await record_failures(conn, failures, backoff=self.settings.retry)
         if record.next_retry_in is not None:
             retry_at = time.monotonic() + record.next_retry_in
-            self._retry_at = min(retry_at, self._retry_at or retry_at)
+            if self._retry_at is None or retry_at < self._retry_at:
+                self._retry_at = retry_at
+                self._wake()  # the worker waiting for work computed its wait without it
         return record.quarantined
 
     def _report(
@@ -326,7 +334,9 @@ class OutboxRelay:
             async with asyncio.TaskGroup() as group:
                 for _ in range(max(1, self.settings.pipeline)):
                     group.create_task(self._work(term, turn, ended))
-        except BaseExceptionGroup as failed:  # a bug in one worker: report it, not a group
+        except BaseExceptionGroup as failed:  # a bug in a worker: report it, not a group
+            for other in failed.exceptions[1:]:
+                log.error("outbox.relay_worker_failed", exc_info=other)
             raise failed.exceptions[0] from None
         finally:
             self._wakeup = None
@@ -370,14 +380,14 @@ class OutboxRelay:
                     mine.pass_on()
                     trouble += 1
                     await self._back_off(trouble, exc)
-                    self._look_anyway = True  # what that batch had claimed is still there
+                    self._look_again()  # what that batch had claimed is still there
                     continue
             if report is None:
                 continue
             trouble = 0 if report.outage is None else trouble + 1
             if report.outage is not None:
                 await self._back_off(trouble, report.outage)
-                self._look_anyway = True  # the held rows are due again
+                self._look_again()  # the held rows are due again
 
     async def _idle(self, ended: asyncio.Event) -> bool:
         """Wait until there may be rows to claim; False when the term ended meanwhile."""
@@ -396,6 +406,11 @@ class OutboxRelay:
     def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
+
+    def _look_again(self) -> None:
+        # With the flag, a wake-up: the other worker may be the one waiting for work.
+        self._look_anyway = True
+        self._wake()
 
     def _on_notify(self, wakeup: asyncio.Event, payload: str) -> None:
         if payload.isdigit():
