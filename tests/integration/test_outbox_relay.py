@@ -391,32 +391,38 @@ class _RollBack(Exception):
     pass
 
 
+class HoldTheFirstBatch:
+    """An ``after_confirm`` hook: the relay's first batch stops after its confirms (before
+    its marks) until ``release`` is set; ``confirmed`` is set once it got there."""
+
+    def __init__(self) -> None:
+        self.confirmed = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, events: Sequence[OutgoingEvent]) -> None:
+        if not self.confirmed.is_set():
+            self.confirmed.set()
+            await self.release.wait()
+
+
 async def test_pipelined_batches_keep_each_aggregate_in_order(db: Database, broker: Broker) -> None:
     # Two batches in flight: while the first waits (here: held after its confirms), the
     # second claims. An aggregate's next event must wait behind the first batch's event,
     # then go as soon as that batch ends - not at the poll, an hour away - while other
     # aggregates' events are not held up at all.
-    first_confirmed, release = asyncio.Event(), asyncio.Event()
-
-    async def hold_the_first_batch(events: Sequence[OutgoingEvent]) -> None:
-        if not first_confirmed.is_set():
-            first_confirmed.set()
-            await release.wait()
-
+    hold = HoldTheFirstBatch()
     settings = replace(FAST, poll_interval=3600.0, pipeline=2)
-    relay = OutboxRelay(
-        db, broker, service=SERVICE, settings=settings, after_confirm=hold_the_first_batch
-    )
+    relay = OutboxRelay(db, broker, service=SERVICE, settings=settings, after_confirm=hold)
     async with consuming(db, broker), background(relay.run(SoleLeader())):
         await commit_event(db, "a")
         async with asyncio.timeout(10):
-            await first_confirmed.wait()
+            await hold.confirmed.wait()
         await commit_event(db, "a")  # behind the first batch's row
         await commit_event(db, "b")
         await eventually(lambda: _has_effects(db, 2))  # a1 (confirmed) and b1
         await asyncio.sleep(0.3)
         assert sorted(r["aggregate_id"] for r in await effects(db)) == ["a", "b"]
-        release.set()
+        hold.release.set()
         await eventually(lambda: _has_effects(db, 3), timeout=5)
         await eventually(lambda: _all_marked(db))
     applied = [(r["aggregate_id"], r["version"]) for r in await effects(db)]
@@ -444,26 +450,18 @@ async def test_no_claim_after_claim_while_a_full_batch_waits_behind_the_other(
     # confirms, the next claim holds 5 rows behind it. Claiming those again and again until
     # the first batch ends would be a busy loop (a full claim that publishes nothing).
     claims = counting_claims(monkeypatch)
-    first_confirmed, release = asyncio.Event(), asyncio.Event()
-
-    async def hold_the_first_batch(events: Sequence[OutgoingEvent]) -> None:
-        if not first_confirmed.is_set():
-            first_confirmed.set()
-            await release.wait()
-
+    hold = HoldTheFirstBatch()
     for _ in range(20):
         await commit_event(db, "a")
     settings = replace(FAST, batch_size=5, poll_interval=3600.0, pipeline=2)
-    relay = OutboxRelay(
-        db, broker, service=SERVICE, settings=settings, after_confirm=hold_the_first_batch
-    )
+    relay = OutboxRelay(db, broker, service=SERVICE, settings=settings, after_confirm=hold)
     async with consuming(db, broker), background(relay.run(SoleLeader())):
         async with asyncio.timeout(10):
-            await first_confirmed.wait()
+            await hold.confirmed.wait()
         before = len(claims)
         await asyncio.sleep(1.0)
         during = claims[before:]
-        release.set()
+        hold.release.set()
         await eventually(lambda: _has_effects(db, 20), timeout=10)
     assert len(during) <= 2, f"{len(during)} claims in 1 s behind a held batch"
     assert [r["version"] for r in await effects(db)] == list(range(1, 21))
