@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from aio_pika import DeliveryMode
 from aio_pika.abc import HeadersType
+from cloudevents.core.bindings import rabbitmq as ce_rabbitmq
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
 from ordermesh_shared.messaging.envelope import (
     BadEnvelope,
     OutgoingEvent,
@@ -154,3 +158,32 @@ async def test_add_event_refuses_what_would_break_the_envelope(
     with pytest.raises(ValueError, match=message):
         await add_event(conn, **arguments)  # type: ignore[arg-type]
     assert conn.executed == []
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        outgoing(),
+        outgoing(headers={}, created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        outgoing(aggregate_id="a b/ü", payload={}, sequence=9_000_000_000),
+    ],
+    ids=["trace-context", "whole-second-time", "odd-aggregate-id"],
+)
+def test_encoding_writes_what_the_sdk_binding_writes(event: OutgoingEvent) -> None:
+    # encode_event builds the headers itself (for speed): they must stay the SDK's.
+    attributes = {
+        **event.headers,
+        "id": str(event.id),
+        "source": "/ordermesh/order",
+        "type": f"ordermesh.order.{event.event_type}",
+        "subject": f"{event.aggregate_type}/{event.aggregate_id}",
+        "time": event.created_at,
+        "datacontenttype": "application/json",
+        "aggregatetype": event.aggregate_type,
+        "aggregateid": event.aggregate_id,
+        "sequence": str(event.sequence),
+    }
+    sdk = ce_rabbitmq.to_binary(CloudEvent(attributes, orjson.dumps(event.payload)), JSONFormat())
+    ours = encode_event(event, service="order")
+    assert ours.headers == sdk.headers
+    assert (ours.content_type, ours.body) == (sdk.content_type, sdk.body)
