@@ -3,9 +3,9 @@
 The cloudevents package's RabbitMQ binding (``cloudevents.core.bindings.rabbitmq``, the AMQP
 0-9-1 mapping; its ``amqp`` module is for AMQP 1.0) puts the attributes in ``ce-*`` headers and
 the JSON payload in the body. Decoding goes through it; encoding writes the same headers
-directly, for speed (see :func:`encode_event`). On top of it we set the AMQP properties RabbitMQ tools show:
-``message_id`` (= the CloudEvents id = the outbox event id), ``type``, ``app_id``,
-``timestamp``, and persistent delivery.
+directly, for speed (see :func:`encode_event`). On top of it we set the AMQP properties
+RabbitMQ tools show: ``message_id`` (= the CloudEvents id = the outbox event id), ``type``,
+``app_id``, ``timestamp``, and persistent delivery.
 
 Attributes we use: ``source`` = ``/ordermesh/<service>``, ``type`` =
 ``ordermesh.<service>.<event_type>``, ``subject`` = ``<aggregate_type>/<aggregate_id>``, and
