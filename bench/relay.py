@@ -202,11 +202,13 @@ def _summary(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 
 # Producer and consumer run as processes of their own, as they would in the platform (the
-# relay runs here, as in the producing service). Latency is measured in Postgres's clock:
-# outbox.created_at (the producing transaction's start) -> clock_timestamp() in the handler.
+# relay runs here, as in the producing service). Latency is from the producer's COMMIT
+# returning to the consumer's handler, both read off the machine's wall clock; each side keeps
+# its timestamps in memory and writes them after the run (a probe writing a row per event
+# would double the consumer's database work and measure itself).
 PRODUCER = """
 import asyncio, sys, time
-import asyncpg
+import asyncpg, uvloop
 from ordermesh_shared.outbox import add_event
 
 dsn, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
@@ -237,21 +239,27 @@ async def main():
         await pool.copy_records_to_table("bench_committed", records=committed)
         print(f"produced {total} {achieved:.1f}", flush=True)
 
-asyncio.run(main())
+uvloop.run(main())  # as the platform's services run
 """
 
 CONSUMER = """
 import asyncio, sys
+import uvloop
+from datetime import UTC, datetime
 from ordermesh_shared.broker import Broker
 from ordermesh_shared.database import Database
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
 
-dsn, amqp = sys.argv[1], sys.argv[2]
+dsn, amqp, expected = sys.argv[1], sys.argv[2], int(sys.argv[3])
+received = {}  # event id -> when the handler ran: kept in memory, as the producer does
+done = asyncio.Event()
 
 async def record(conn, event):
-    await conn.execute(
-        "INSERT INTO bench_latency (event_id, received_at) VALUES ($1, clock_timestamp())",
-        event.id)
+    # Called inside the consumer's transaction (inbox row and all), before its commit; a
+    # batch rolled back and applied again one by one calls it twice: the last call counts.
+    received[event.id] = datetime.now(UTC)
+    if len(received) >= expected:
+        done.set()
 
 async def main():
     async with Database(dsn) as db, Broker(amqp, name="bench-consumer") as broker:
@@ -260,9 +268,14 @@ async def main():
         task = asyncio.create_task(consumer.run())
         await consumer.subscribed.wait()
         print("subscribed", flush=True)
-        await task
+        await asyncio.wait_for(done.wait(), 120)
+        await asyncio.sleep(0.5)  # the last batch commits and acks
+        # Written after the run, so it does not load the measurement.
+        await db.pool.copy_records_to_table("bench_latency", records=received.items())
+        print("received", len(received), flush=True)
+        task.cancel()
 
-asyncio.run(main())
+uvloop.run(main())  # as the platform's services run
 """
 
 
@@ -274,26 +287,18 @@ async def latency(bench: Bench, *, rate: float, seconds: float) -> dict[str, Any
             "CREATE TABLE IF NOT EXISTS bench_latency (event_id text, received_at timestamptz)"
         )
     relay = OutboxRelay(bench.db, bench.broker, service=SERVICE, fence=relay_fence(SERVICE))
-    async with _child(CONSUMER, bench.db.dsn, bench.amqp_url) as consumer:
+    total = int(rate * seconds)
+    async with _child(CONSUMER, bench.db.dsn, bench.amqp_url, str(total)) as consumer:
         await _expect(consumer, "subscribed")
         cpu = time.process_time()  # this process runs only the relay now
         async with _running(relay.run(_Elected())):
             async with _child(PRODUCER, bench.db.dsn, str(rate), str(seconds)) as producer:
                 produced = (await _expect(producer, "produced")).split()
-            await _wait_all_received(bench.db, int(produced[1]))
+            await _expect(consumer, "received")
         cpu = time.process_time() - cpu
     summary = await _latency_summary(bench.db, rate=rate, achieved=float(produced[2]))
     summary["relay_cpu_ms_per_event"] = round(1000 * cpu / int(produced[1]), 3)
     return summary
-
-
-async def _wait_all_received(db: Database, total: int) -> None:
-    async with asyncio.timeout(60):
-        while True:
-            async with db.pool.acquire() as conn:
-                if await conn.fetchval("SELECT count(*) FROM bench_latency") >= total:
-                    return
-            await asyncio.sleep(0.1)
 
 
 _LATENCY_SQL = """
@@ -331,7 +336,7 @@ async def _latency_summary(db: Database, *, rate: float, achieved: float) -> dic
         "relay_claimed_p50_ms": round(claimed_p50, 2),
         "relay_claimed_p99_ms": round(claimed_p99, 2),
         "measured": "from the producer's COMMIT returning (its wall clock) to the consumer "
-        "handler (clock_timestamp(), same machine clock); producer, relay and consumer in "
+        "handler (its wall clock: the same machine clock); producer, relay and consumer in "
         "processes of their own. 'from_transaction_start' adds the producer's own commit wait. "
         "'relay_claimed' is from the COMMIT to the start of the relay transaction that "
         "published the row (published_at is that transaction's now()).",
