@@ -16,18 +16,19 @@ from inventory.domain import Reservation, ReservedLine, ReserveRequest, total_of
 
 async def reserve_stock(conn: DbConn, request: ReserveRequest) -> tuple[int, Reservation]:
     """Hold every line or none (a shortage raises, and the rollback undoes the lines held)."""
-    existing = await store.lock_reservation(conn, request.order_id)
-    if existing is not None:
-        return 200, await _refuse_if_released(conn, existing)
     reservation_id = uuid.uuid4()
-    await store.insert_reservation(conn, reservation_id, request.order_id, "reserved")
+    # Insert first, look second: the common case (a new order) costs one round trip.
+    if not await store.open_reservation(conn, reservation_id, request.order_id):
+        existing = await store.lock_reservation(conn, request.order_id)
+        if existing is None:  # the conflicting row is committed: a new statement sees it
+            raise RuntimeError(f"reservation of order {request.order_id} vanished")
+        return 200, await _refuse_if_released(conn, existing)
     lines = []
     # SKU order: two orders racing for the same SKUs lock rows in one order (no deadlock).
     for line in sorted(request.items, key=lambda item: item.sku):
-        price = await store.take_stock(conn, line.sku, line.quantity)
+        price = await store.reserve_line(conn, reservation_id, line.sku, line.quantity)
         if price is None:
             await _explain_shortage(conn, line.sku, line.quantity)
-        await store.insert_item(conn, reservation_id, line.sku, line.quantity, price)
         lines.append(ReservedLine(sku=line.sku, quantity=line.quantity, unit_price=price))
     reservation = _reservation(reservation_id, request.order_id, "reserved", lines)
     await _event(conn, reservation, "stock_reserved")

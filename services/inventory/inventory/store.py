@@ -45,15 +45,21 @@ async def reservation_items(conn: DbConn, reservation_id: uuid.UUID) -> list[asy
     )
 
 
-async def take_stock(conn: DbConn, sku: str, quantity: int) -> Decimal | None:
-    """Move units from available to reserved; None when there are not enough (or no SKU).
+async def reserve_line(
+    conn: DbConn, reservation_id: uuid.UUID, sku: str, quantity: int
+) -> Decimal | None:
+    """Move units from available to reserved and record the line, in one statement; the unit
+    price, or None (and nothing written) when there are not enough units (or no such SKU).
 
     The guarded UPDATE is the whole concurrency story: the row lock orders racing
-    reservations and ``available >= $2`` keeps stock from going negative.
+    reservations and ``available >= $3`` keeps stock from going negative.
     """
     price: Decimal | None = await conn.fetchval(
-        "UPDATE products SET available = available - $2, reserved = reserved + $2"
-        " WHERE sku = $1 AND available >= $2 RETURNING price",
+        "WITH taken AS (UPDATE products SET available = available - $3, reserved = reserved + $3"
+        "   WHERE sku = $2 AND available >= $3 RETURNING price)"
+        " INSERT INTO reservation_items (reservation_id, sku, quantity, unit_price)"
+        " SELECT $1, $2, $3, price FROM taken RETURNING unit_price",
+        reservation_id,
         sku,
         quantity,
     )
@@ -90,18 +96,16 @@ async def insert_reservation(
     )
 
 
-async def insert_item(
-    conn: DbConn, reservation_id: uuid.UUID, sku: str, quantity: int, price: Decimal
-) -> None:
-    """One reserved line."""
-    await conn.execute(
-        "INSERT INTO reservation_items (reservation_id, sku, quantity, unit_price)"
-        " VALUES ($1, $2, $3, $4)",
+async def open_reservation(conn: DbConn, reservation_id: uuid.UUID, order_id: uuid.UUID) -> bool:
+    """A new 'reserved' reservation; False when the order already has one (which a
+    concurrent transaction may have just committed: lock it with :func:`lock_reservation`)."""
+    opened = await conn.fetchval(
+        "INSERT INTO reservations (id, order_id, status) VALUES ($1, $2, 'reserved')"
+        " ON CONFLICT (order_id) DO NOTHING RETURNING true",
         reservation_id,
-        sku,
-        quantity,
-        price,
+        order_id,
     )
+    return bool(opened)
 
 
 async def set_status(conn: DbConn, reservation_id: uuid.UUID, status: str) -> None:

@@ -32,23 +32,25 @@ async def insert_order(
     ON CONFLICT waits for a concurrent insert with the same key to commit, so racing posts
     of one key end with one order.
     """
+    # The lines go in the same statement (one round trip): none when the key conflicted.
     inserted = await conn.fetchval(
-        "INSERT INTO orders (id, customer_id, destination, status, idempotency_key, request_hash)"
-        " VALUES ($1, $2, $3, 'pending', $4, $5)"
-        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1",
+        "WITH header AS (INSERT INTO orders"
+        "   (id, customer_id, destination, status, idempotency_key, request_hash)"
+        "   VALUES ($1, $2, $3, 'pending', $4, $5)"
+        "   ON CONFLICT (idempotency_key) DO NOTHING RETURNING id),"
+        " lines AS (INSERT INTO order_items (order_id, sku, quantity)"
+        "   SELECT header.id, line.sku, line.quantity"
+        "     FROM header, unnest($6::text[], $7::int[]) AS line(sku, quantity))"
+        " SELECT count(*) FROM header",
         order_id,
         request.customer_id,
         request.destination,
         idempotency_key,
         request_hash,
+        [line.sku for line in request.items],
+        [line.quantity for line in request.items],
     )
-    if inserted is None:
-        return False
-    await conn.executemany(
-        "INSERT INTO order_items (order_id, sku, quantity) VALUES ($1, $2, $3)",
-        [(order_id, line.sku, line.quantity) for line in request.items],
-    )
-    return True
+    return bool(inserted)
 
 
 async def order_for_key(conn: DbConn, key: str) -> asyncpg.Record | None:

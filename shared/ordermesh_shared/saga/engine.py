@@ -311,10 +311,17 @@ class SagaEngine:
     ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             if done is not None:  # the last step's success, committed with the end
-                await store.step_succeeded(
-                    conn, saga_id, self.owner, step=done.step, direction="forward", data=done.data
+                first_reason = await store.last_step_and_status(
+                    conn,
+                    saga_id,
+                    self.owner,
+                    step=done.step,
+                    data=done.data,
+                    status=status,
+                    reason=reason,
                 )
-            first_reason = await store.set_status(conn, saga_id, self.owner, status, reason)
+            else:
+                first_reason = await store.set_status(conn, saga_id, self.owner, status, reason)
             if definition.on_finish is not None:
                 outcome = SagaOutcome(saga_id, status, first_reason, data)
                 await definition.on_finish(conn, outcome)

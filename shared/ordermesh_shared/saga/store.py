@@ -206,6 +206,40 @@ async def set_status(
     return first
 
 
+async def last_step_and_status(
+    conn: DbConn,
+    saga_id: uuid.UUID,
+    owner: str,
+    *,
+    step: str,
+    data: Mapping[str, Any],
+    status: str,
+    reason: str | None,
+) -> str | None:
+    """Forward step ``step`` succeeded (with ``data``) and the saga moves to ``status``: both in
+    one statement (:func:`step_succeeded` then :func:`set_status` cost two round trips).
+    Returns the first failure reason, as :func:`set_status` does."""
+    row = await conn.fetchrow(
+        "WITH owned AS (UPDATE sagas SET data = data || $3::jsonb, status = $5,"
+        "   failure_reason = COALESCE(failure_reason, $6), updated_at = now()"
+        "   WHERE id = $1 AND owner = $2 RETURNING id, failure_reason),"
+        " done AS (UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1,"
+        "   finished_at = now()"
+        "   WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = 'forward')"
+        " SELECT failure_reason FROM owned",
+        saga_id,
+        owner,
+        json.dumps(dict(data), default=str),
+        step,
+        status,
+        reason,
+    )
+    if row is None:
+        raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
+    first: str | None = row["failure_reason"]
+    return first
+
+
 async def step_statuses(conn: DbConn, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:
     """(step, direction) -> status for every logged step."""
     rows = await conn.fetch(
