@@ -12,7 +12,10 @@ runs, median kept, so a noisy neighbour hurts all alike):
               each confirm), update each row on its own.
 
 Messages land in a durable quorum queue bound to ``#`` (what consumers use), purged between
-runs. Everything runs in a private vhost and a scratch database, both removed afterwards.
+runs. The latency run (:func:`latency`) puts a producer and a consumer process around our
+relay or, as the baseline, the seed's worker on a ``SEED_POLL`` ticker
+(:func:`seed_polling_relay`); ``bench/run.py`` runs both. Everything runs in a private
+vhost and a scratch database, both removed afterwards.
 
     uv run python bench/relay.py                    # table + bench/results/relay.json
     uv run python bench/relay.py --events 20000 --runs 5 --latency-rates 1000 --latency-seconds 10

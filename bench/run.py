@@ -7,7 +7,8 @@ together mean much. Groups (``--only``):
 * ``saga``       saga throughput vs the bare saga, latency at 25/50/100 orders/s (bench/saga.py)
 * ``client_cpu`` ServiceClient CPU per call vs raw aiohttp and httpx (bench/client_cpu.py)
 * ``relay``      relay events/s vs raw pipelined publish and the seed's relay, commit ->
-                 consumer latency at 1,000 and 500 events/s (bench/relay.py)
+                 consumer latency at 1,000 events/s (vs the seed's polling relay) and 500
+                 events/s (bench/relay.py)
 * ``failover``   open-breaker rejection, dead instance, relay leader failover, saga recovery
                  (bench/failover.py)
 
