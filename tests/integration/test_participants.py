@@ -6,10 +6,13 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import httpx
 import pytest
 from inventory.app import SPEC as INVENTORY
 from inventory.app import InventorySettings
+from inventory.commands import reserve_stock
+from inventory.domain import ReserveRequest
 from payment.app import SPEC as PAYMENT
 from payment.app import PaymentSettings
 from shipping.app import SPEC as SHIPPING
@@ -94,6 +97,35 @@ async def test_release_before_reserve_refuses_the_late_reserve(
     assert late.status_code == 409
     assert late.json()["reason"] == "released"
     assert await stock(inventory, "KB-101") == (500, 0, 0)
+
+
+@pytest.mark.parametrize("reserve_commits", [True, False])
+async def test_a_release_racing_an_uncommitted_reserve_waits_for_it(
+    inventory: httpx.AsyncClient, fresh_database: str, reserve_commits: bool
+) -> None:
+    # The undo of a reserve whose answer was lost can reach inventory while that reserve's
+    # transaction is still open: the release waits for it and acts on what it left.
+    order_id = uuid.uuid4()
+    request = ReserveRequest.model_validate(
+        {"order_id": str(order_id), "items": [{"sku": "KB-101", "quantity": 2}]}
+    )
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        reserving = conn.transaction()
+        await reserving.start()
+        await reserve_stock(conn, request)
+        release = asyncio.create_task(
+            inventory.post(f"/reservations/{order_id}/release", headers=key())
+        )
+        await asyncio.sleep(0.3)
+        assert not release.done()  # blocked on the reservation row, not answered
+        await (reserving.commit() if reserve_commits else reserving.rollback())
+        released = await release
+    finally:
+        await conn.close()
+    assert released.status_code == 200
+    assert released.json()["status"] == "released"
+    assert await stock(inventory, "KB-101") == (500, 0, 0)  # nothing held either way
 
 
 async def test_shortage_reserves_nothing(inventory: httpx.AsyncClient) -> None:

@@ -166,8 +166,10 @@ async def test_add_event_refuses_what_would_break_the_envelope(
         outgoing(),
         outgoing(headers={}, created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
         outgoing(aggregate_id="a b/ü", payload={}, sequence=9_000_000_000),
+        # Not from add_event (it refuses reserved names), but the attributes must still win.
+        outgoing(headers={"id": "not-the-event-id", "sequence": "0"}),
     ],
-    ids=["trace-context", "whole-second-time", "odd-aggregate-id"],
+    ids=["trace-context", "whole-second-time", "odd-aggregate-id", "clashing-extension"],
 )
 def test_encoding_writes_what_the_sdk_binding_writes(event: OutgoingEvent) -> None:
     # encode_event builds the headers itself (for speed): they must stay the SDK's.
@@ -187,3 +189,9 @@ def test_encoding_writes_what_the_sdk_binding_writes(event: OutgoingEvent) -> No
     ours = encode_event(event, service="order")
     assert ours.headers == sdk.headers
     assert (ours.content_type, ours.body) == (sdk.content_type, sdk.body)
+
+
+def test_a_time_without_zone_is_refused_on_encoding() -> None:
+    # Its ce-time would carry no offset, and every consumer would dead-letter it.
+    with pytest.raises(ValueError, match="no time zone"):
+        encode_event(outgoing(created_at=datetime(2026, 11, 26, 12, 0)), service="order")

@@ -19,10 +19,7 @@ async def reserve_stock(conn: DbConn, request: ReserveRequest) -> tuple[int, Res
     reservation_id = uuid.uuid4()
     # Insert first, look second: the common case (a new order) costs one round trip.
     if not await store.open_reservation(conn, reservation_id, request.order_id):
-        existing = await store.lock_reservation(conn, request.order_id)
-        if existing is None:  # the conflicting row is committed: a new statement sees it
-            raise RuntimeError(f"reservation of order {request.order_id} vanished")
-        return 200, await _refuse_if_released(conn, existing)
+        return 200, await _refuse_if_released(conn, await _locked(conn, request.order_id))
     lines = []
     # SKU order: two orders racing for the same SKUs lock rows in one order (no deadlock).
     for line in sorted(request.items, key=lambda item: item.sku):
@@ -33,6 +30,14 @@ async def reserve_stock(conn: DbConn, request: ReserveRequest) -> tuple[int, Res
     reservation = _reservation(reservation_id, request.order_id, "reserved", lines)
     await _event(conn, reservation, "stock_reserved")
     return 201, reservation
+
+
+async def _locked(conn: DbConn, order_id: uuid.UUID) -> Record:
+    """The reservation an insert just conflicted with (committed, so this statement sees it)."""
+    existing = await store.lock_reservation(conn, order_id)
+    if existing is None:  # reservations are never deleted
+        raise RuntimeError(f"the reservation of order {order_id} vanished")
+    return existing
 
 
 def _reservation(
@@ -75,12 +80,14 @@ async def _explain_shortage(conn: DbConn, sku: str, quantity: int) -> NoReturn:
 
 async def release_stock(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Reservation]:
     """Give held units back; a release before any reserve leaves a 'released' marker."""
-    existing = await store.lock_reservation(conn, order_id)
-    if existing is None:
-        await store.insert_reservation(conn, uuid.uuid4(), order_id, "released")
-    elif existing["status"] == "committed":
+    # Insert first, as reserve_stock does: racing a reserve, one of the two inserts wins.
+    marker_id = uuid.uuid4()
+    if await store.open_reservation(conn, marker_id, order_id, "released"):
+        return 200, _reservation(marker_id, order_id, "released", [])
+    existing = await _locked(conn, order_id)
+    if existing["status"] == "committed":
         raise Conflict("the reservation was already committed (sold)", reason="committed")
-    elif existing["status"] == "reserved":
+    if existing["status"] == "reserved":
         lines = await _lines(conn, existing["id"])
         for line in lines:
             await store.return_stock(conn, line.sku, line.quantity)

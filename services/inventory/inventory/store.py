@@ -84,26 +84,18 @@ async def sell_stock(conn: DbConn, sku: str, quantity: int) -> None:
     )
 
 
-async def insert_reservation(
-    conn: DbConn, reservation_id: uuid.UUID, order_id: uuid.UUID, status: str
-) -> None:
-    """A new reservation row (status 'released' marks a release that came first)."""
-    await conn.execute(
-        "INSERT INTO reservations (id, order_id, status) VALUES ($1, $2, $3)",
-        reservation_id,
-        order_id,
-        status,
-    )
-
-
-async def open_reservation(conn: DbConn, reservation_id: uuid.UUID, order_id: uuid.UUID) -> bool:
-    """A new 'reserved' reservation; False when the order already has one (which a
-    concurrent transaction may have just committed: lock it with :func:`lock_reservation`)."""
+async def open_reservation(
+    conn: DbConn, reservation_id: uuid.UUID, order_id: uuid.UUID, status: str = "reserved"
+) -> bool:
+    """A new reservation ('released' marks a release that came before any reserve); False
+    when the order already has one - which a concurrent transaction may have just committed:
+    a next statement (:func:`lock_reservation`) sees it."""
     opened = await conn.fetchval(
-        "INSERT INTO reservations (id, order_id, status) VALUES ($1, $2, 'reserved')"
+        "INSERT INTO reservations (id, order_id, status) VALUES ($1, $2, $3)"
         " ON CONFLICT (order_id) DO NOTHING RETURNING true",
         reservation_id,
         order_id,
+        status,
     )
     return bool(opened)
 

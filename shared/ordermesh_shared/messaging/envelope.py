@@ -114,21 +114,27 @@ def encode_event(event: OutgoingEvent, *, service: str) -> Message:
     are the binding's, byte for byte (tests/unit/test_outbox_envelope.py compares them with
     ``to_binary``'s), and decoding still goes through the SDK.
     """
+    if event.created_at.tzinfo is None:
+        # ce-time would go out without an offset, which decoding refuses (as the SDK did here).
+        raise ValueError(f"event {event.id}: created_at has no time zone")
     event_id = str(event.id)
     type_ = ce_type(service, event.event_type)
-    headers = {
-        "ce-id": event_id,
-        "ce-source": f"/ordermesh/{service}",
-        "ce-type": type_,
-        "ce-subject": f"{event.aggregate_type}/{event.aggregate_id}",
-        "ce-time": _rfc3339(event.created_at),
-        "ce-aggregatetype": event.aggregate_type,
-        "ce-aggregateid": event.aggregate_id,
-        "ce-sequence": str(event.sequence),
-        "ce-specversion": SPEC_VERSION,
-    }
-    # The outbox row's own extensions (add_event refuses names that would clash).
-    headers.update({f"ce-{name}": value for name, value in event.headers.items()})
+    # The outbox row's extensions first, as the SDK binding writes them (a value of None is
+    # left out, others become text), so that ours win over any clash.
+    headers = {f"ce-{k}": str(v) for k, v in event.headers.items() if v is not None}
+    headers.update(
+        {
+            "ce-id": event_id,
+            "ce-source": f"/ordermesh/{service}",
+            "ce-type": type_,
+            "ce-subject": f"{event.aggregate_type}/{event.aggregate_id}",
+            "ce-time": _rfc3339(event.created_at),
+            "ce-aggregatetype": event.aggregate_type,
+            "ce-aggregateid": event.aggregate_id,
+            "ce-sequence": str(event.sequence),
+            "ce-specversion": SPEC_VERSION,
+        }
+    )
     return Message(
         orjson.dumps(event.payload),
         headers=headers,  # type: ignore[arg-type]  # str values are valid AMQP table values

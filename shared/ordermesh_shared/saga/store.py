@@ -218,15 +218,17 @@ async def last_step_and_status(
 ) -> str | None:
     """Forward step ``step`` succeeded (with ``data``) and the saga moves to ``status``: both in
     one statement (:func:`step_succeeded` then :func:`set_status` cost two round trips).
-    Returns the first failure reason, as :func:`set_status` does."""
+    Returns the first failure reason, as :func:`set_status` does; like both, raises
+    :class:`LostOwnership` when the saga (or its step) is not this owner's to write."""
     row = await conn.fetchrow(
         "WITH owned AS (UPDATE sagas SET data = data || $3::jsonb, status = $5,"
         "   failure_reason = COALESCE(failure_reason, $6), updated_at = now()"
         "   WHERE id = $1 AND owner = $2 RETURNING id, failure_reason),"
         " done AS (UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1,"
         "   finished_at = now()"
-        "   WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = 'forward')"
-        " SELECT failure_reason FROM owned",
+        "   WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = 'forward'"
+        "   RETURNING 1)"
+        " SELECT failure_reason FROM owned WHERE EXISTS (SELECT 1 FROM done)",
         saga_id,
         owner,
         json.dumps(dict(data), default=str),
