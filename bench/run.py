@@ -7,8 +7,8 @@ together mean much. Groups (``--only``):
 * ``saga``       saga throughput vs the bare saga, latency at 25/50/100 orders/s (bench/saga.py)
 * ``client_cpu`` ServiceClient CPU per call vs raw aiohttp and httpx (bench/client_cpu.py)
 * ``relay``      relay events/s vs raw pipelined publish and the seed's relay, commit ->
-                 consumer latency at 1,000 events/s (vs the seed's polling relay) and 500
-                 events/s (bench/relay.py)
+                 consumer latency at 1,000 and 500 events/s vs the seed's polling relay
+                 (bench/relay.py)
 * ``failover``   open-breaker rejection, dead instance, relay leader failover, saga recovery
                  (bench/failover.py)
 
@@ -118,8 +118,8 @@ async def client_cpu_group(smoke: bool) -> list[Figure]:
 
 
 async def relay_group(smoke: bool) -> list[Figure]:
-    """bench/relay.py's throughput variants and its commit -> consumer latency (ours at 1,000
-    and 500 events/s, the seed's polling relay at 1,000), 3 runs each."""
+    """bench/relay.py's throughput variants and its commit -> consumer latency (ours and the
+    seed's polling relay, at 1,000 and 500 events/s), 3 runs each."""
     from bench import relay
     from bench.saga import Target
 
@@ -131,6 +131,7 @@ async def relay_group(smoke: bool) -> list[Figure]:
             ("ours", 1000): [],
             ("seed", 1000): [],
             ("ours", 500): [],
+            ("seed", 500): [],
         }
         for _ in range(runs):  # alternating: a noisy moment hits every variant
             for (which, rate), results in lags.items():
@@ -148,7 +149,7 @@ async def relay_group(smoke: bool) -> list[Figure]:
             Target("value", "<=", 50, "<= 50 ms"),
             seed=lags["seed", 1000],
         ),
-        *_latency_figures(lags["ours", 500], "500", None),
+        *_latency_figures(lags["ours", 500], "500", None, seed=lags["seed", 500]),
     ]
 
 
@@ -165,10 +166,14 @@ def _latency_figures(
         "the producer's COMMIT returning -> the consumer's handler (one machine clock); "
         "producer, relay and consumer are processes of their own"
     )
-    detail = {
+    detail: dict[str, Any] = {
         "achieved_events_per_s": [lag["achieved_events_per_s"] for lag in lags],
         "commit_to_relay_claim_p99_ms": [lag["relay_claimed_p99_ms"] for lag in lags],
     }
+    if seed:
+        # Past the seed's ~800 events/s its backlog grows for the whole run: its latency
+        # then says how far behind it fell, not how long its polling takes.
+        detail["seed_achieved_events_per_s"] = [lag["achieved_events_per_s"] for lag in seed]
     baseline = {"baseline_name": f"seed polling relay ({relay_poll_ms()} ms ticker)"}
     figures = []
     for point, key in (("p50", "p50_ms"), ("p99", "p99_ms")):
