@@ -1,5 +1,5 @@
 """Outbox relay throughput against the broker's own ceiling and the seed's design, and the
-commit -> consumer latency at a steady ~1,000 events/s.
+commit -> consumer latency at steady rates (``--latency-rates``; bench/run.py: 1,000 and 500).
 
 Throughput variants (each moves ``--events`` outbox rows / messages; ``--runs`` interleaved
 runs, median kept, so a noisy neighbour hurts all alike):
@@ -11,9 +11,10 @@ runs, median kept, so a noisy neighbour hurts all alike):
 * ``seed``    the seed's worker: select 100 unpublished rows, publish one at a time (awaiting
               each confirm), update each row on its own.
 
-Messages land in a durable quorum queue bound to ``#`` (what consumers use), purged between
-runs. The latency run (:func:`latency`) puts a producer and a consumer process around our
-relay or, as the baseline, the seed's worker on a ``SEED_POLL`` ticker
+In the throughput runs messages land in a durable quorum queue bound to ``#`` (what
+consumers use), purged between runs. The latency run (:func:`latency`) puts a producer and a
+consumer process (its own queue, ``bench.latency`` bound to ``bench.*``, deleted between runs)
+around our relay or, as the baseline, the seed's worker on a ``SEED_POLL`` ticker
 (:func:`seed_polling_relay`); ``bench/run.py`` runs both. Everything runs in a private
 vhost and a scratch database, both removed afterwards.
 
