@@ -125,6 +125,13 @@ async def step_succeeded(
         raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
 
 
+# Forward step $4 of the saga just updated in an ``owned`` CTE succeeded (its attempt counted).
+_FORWARD_STEP_DONE = (
+    "UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1, finished_at = now()"
+    " WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = 'forward'"
+)
+
+
 async def step_advanced(
     conn: DbConn,
     saga_id: uuid.UUID,
@@ -142,9 +149,7 @@ async def step_advanced(
         "WITH owned AS (UPDATE sagas SET data = data || $3::jsonb,"
         "   started_steps = GREATEST(started_steps, $6 + 1), updated_at = now()"
         "   WHERE id = $1 AND owner = $2 RETURNING id),"
-        " done AS (UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1,"
-        "   finished_at = now()"
-        "   WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = 'forward')"
+        f" done AS ({_FORWARD_STEP_DONE})"
         " INSERT INTO saga_steps (saga_id, step, direction, position, status)"
         " SELECT id, $5, 'forward', $6, 'started' FROM owned"
         " ON CONFLICT (saga_id, step, direction) DO UPDATE SET status = 'started'"
@@ -224,10 +229,7 @@ async def last_step_and_status(
         "WITH owned AS (UPDATE sagas SET data = data || $3::jsonb, status = $5,"
         "   failure_reason = COALESCE(failure_reason, $6), updated_at = now()"
         "   WHERE id = $1 AND owner = $2 RETURNING id, failure_reason),"
-        " done AS (UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1,"
-        "   finished_at = now()"
-        "   WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = 'forward'"
-        "   RETURNING 1)"
+        f" done AS ({_FORWARD_STEP_DONE} RETURNING 1)"
         " SELECT failure_reason FROM owned WHERE EXISTS (SELECT 1 FROM done)",
         saga_id,
         owner,
