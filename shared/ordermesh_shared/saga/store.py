@@ -43,6 +43,11 @@ def _row(record: asyncpg.Record) -> SagaRow:
     )
 
 
+def _data_json(data: Mapping[str, Any]) -> str:
+    # Step results may hold Decimals, UUIDs or datetimes: stored as their text.
+    return json.dumps(dict(data), default=str)
+
+
 async def insert_saga(
     conn: DbConn,
     saga_id: uuid.UUID,
@@ -117,7 +122,7 @@ async def step_succeeded(
         " WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = $5 RETURNING 1",
         saga_id,
         owner,
-        json.dumps(dict(data), default=str),
+        _data_json(data),
         step,
         direction,
     )
@@ -156,7 +161,7 @@ async def step_advanced(
         " RETURNING 1",
         saga_id,
         owner,
-        json.dumps(dict(data), default=str),
+        _data_json(data),
         done,
         step,
         position,
@@ -233,7 +238,7 @@ async def last_step_and_status(
         " SELECT failure_reason FROM owned WHERE EXISTS (SELECT 1 FROM done)",
         saga_id,
         owner,
-        json.dumps(dict(data), default=str),
+        _data_json(data),
         step,
         status,
         reason,
