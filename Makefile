@@ -1,19 +1,27 @@
 # Each target is one obvious command; `make help` lists them.
 UV ?= uv
 RUN = $(UV) run
+# deploy/local/prereqs.sh links uv into /usr/local/bin as root, else into ~/.local/bin.
+export PATH := $(PATH):$(HOME)/.local/bin
+# The local stack's PostgreSQL login, which deploy/local/prereqs.sh writes to .run/local.env.
+# Read when a command runs, not when make starts, so the `make dev` that writes it uses it;
+# setting either variable (environment or command line) points everything elsewhere.
+local_env = $(patsubst $(1)=%,%,$(filter $(1)=%,$(file < .run/local.env)))
+export POSTGRES_URL ?= $(call local_env,POSTGRES_URL)
+export ORDERMESH_TEST_PG ?= $(call local_env,ORDERMESH_TEST_PG)
 
 .PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
-install:  ## install the Python workspace (uv sync)
-	$(UV) sync
+install:  ## install the Python workspace (uv sync; installs uv first when missing)
+	deploy/local/prereqs.sh uv && $(UV) sync
 
-deps:  ## install the Debian packages the local stack needs (as root)
-	apt-get update && apt-get install -y postgresql rabbitmq-server etcd-server
+deps:  ## install and start uv, PostgreSQL, RabbitMQ, etcd (as root; else names what is missing)
+	deploy/local/prereqs.sh
 
-dev: install  ## run the whole platform as local processes (no Docker)
+dev: deps install  ## run the whole platform as local processes (no Docker), installing what it needs
 	$(RUN) ordermesh-local up
 
 down:  ## stop what `make dev` started
@@ -59,7 +67,7 @@ demo-breaker:  ## a flaky payment instance opens the breaker; clearing the fault
 bench:  ## the benchmarks (7-12 minutes; not part of CI): table + bench/results/latest.json
 	$(RUN) python -m bench.run
 
-test:  ## run the test suite (unit, integration; compose tests skip without Docker)
+test: deps  ## make deps, then the test suite (compose tests skip without Docker)
 	$(RUN) pytest
 
 lint:  ## ruff, mypy (strict) and the compose schema check

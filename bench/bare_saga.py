@@ -455,7 +455,7 @@ def main(argv: list[str]) -> None:
         role, port, dsn, *peers = argv[1:]
         serve(role, int(port), dsn, dict(p.split("=", 1) for p in peers))
         return
-    url = os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+    url = os.environ.get("POSTGRES_URL") or "postgresql://postgres@127.0.0.1:5432"
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_demo(url))
 

@@ -55,7 +55,12 @@ from ordermesh_shared.outbox.wiring import relay_fence
 from prometheus_client import CollectorRegistry
 
 RESULTS = Path(__file__).resolve().parent / "results" / "relay.json"
-PG_ADMIN = os.environ.get("ORDERMESH_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+# The tests' admin DSN (make sets it from .run/local.env) unless the benchmark gets its own.
+PG_ADMIN = (
+    os.environ.get("ORDERMESH_BENCH_PG")
+    or os.environ.get("ORDERMESH_TEST_PG")
+    or "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 AMQP = os.environ.get("ORDERMESH_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 SERVICE = "bench"
 PAYLOAD = {"order_id": "7b1f3c2e-0000-4000-8000-000000000001", "sku": "KB-101", "quantity": 2}

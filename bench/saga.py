@@ -45,7 +45,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from bench.bare_saga import BareSaga, bare_saga, connect
 
-POSTGRES_URL = os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+POSTGRES_URL = os.environ.get("POSTGRES_URL") or "postgresql://postgres@127.0.0.1:5432"
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SAGA_PORT_OFFSET = 26000  # away from make dev (0) and the e2e/chaos tests (22000, 23000)
 CONCURRENCY = 32

@@ -49,7 +49,7 @@ from ordermesh_shared.etcd import EtcdClient
 
 from ordermesh_deploy.etcd_process import PrivateEtcd
 
-DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432"
 LEDGER = """CREATE TABLE ledger (
     id bigserial PRIMARY KEY, worker text NOT NULL, token bigint NOT NULL,
     written_at timestamptz NOT NULL DEFAULT clock_timestamp())"""
@@ -492,9 +492,9 @@ def parser() -> argparse.ArgumentParser:
     lock.add_argument("--pause", type=float, help="seconds to freeze a holder (default TTL + 1.5)")
     lock.add_argument(
         "--database-url",
-        default=DEFAULT_ADMIN_DSN,
+        default=f"{(os.environ.get('POSTGRES_URL') or DEFAULT_SERVER).rstrip('/')}/postgres",
         help="Postgres admin DSN: a throwaway database is created there, and dropped after "
-        f"(default {DEFAULT_ADMIN_DSN})",
+        "(default: the server in env POSTGRES_URL, which make sets, else postgres@127.0.0.1)",
     )
     for sub in (election, lock):
         sub.add_argument("--etcd-url", help="use this etcd (default: start a private one)")

@@ -6,7 +6,7 @@
 Raft timings are short (heartbeat 25 ms, election 250 ms) so a single node is ready in a
 fraction of a second; etcd derives its minimum lease TTL from them: 1 s here (2 s with
 etcd's defaults). The binary is ``$ETCD_BINARY``, else ``etcd`` on the PATH, else
-``/usr/bin/etcd`` (Debian: ``apt install etcd-server``).
+``/usr/bin/etcd`` (Debian: ``apt-get install etcd-server``, 3.4.23 on Debian 12).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def etcd_binary() -> Path:
     path = Path(candidate)
     if not path.is_file():
         raise EtcdNotFound(
-            f"etcd not found at {path}: install it (Debian: apt install etcd-server), "
-            "set ETCD_BINARY, or pass the URL of a running etcd"
+            f"etcd not found at {path}: `apt-get install etcd-server` as root (`make deps` "
+            "does it), set ETCD_BINARY, or pass --etcd-url of a running etcd"
         )
     return path
 

@@ -1,13 +1,18 @@
 """The local stack: the whole platform as processes on loopback, without Docker.
 
-``ordermesh-local up`` creates the four databases if missing, starts a private etcd (unless
-``--etcd-url`` is given) and the services under supervisord, waits until every instance is
-ready, and prints where things are. ``ordermesh-local down`` stops exactly what ``up``
-started. Any single process can be killed and restarted on its own (``kill``/``restart``),
-which is what the chaos tools do.
+``ordermesh-local up`` first checks what it needs (the etcd binary when it runs a private
+etcd, RabbitMQ and PostgreSQL answering) and names whatever is missing with the command that
+fixes it, one line each, within seconds. Then it creates the four databases if missing, starts
+a private etcd (unless ``--etcd-url`` is given; Debian's ``etcd-server``, the 3.4 line the
+tests use) and the services under supervisord, waits until every instance is ready, and prints
+where things are. ``make dev`` runs ``deploy/local/prereqs.sh`` before it, which installs and
+starts the servers and keeps the PostgreSQL login in ``.run/local.env``. ``ordermesh-local
+down`` stops exactly what ``up`` started. Any single process can be killed and restarted on
+its own (``kill``/``restart``), which is what the chaos tools do.
 
 Everything lives in the run directory (default ``.run/``): ``supervisord.conf``, ``stack.json``
-(ports, URLs, pids' owner), ``logs/<program>.log`` and ``etcd/`` (etcd's data, kept across
+(ports, URLs, pids' owner), ``local.env`` (the PostgreSQL login, read when ``POSTGRES_URL`` is
+not set), ``logs/<program>.log`` and ``etcd/`` (etcd's data, kept across
 restarts so its revisions, used as fencing tokens, never go backwards).
 """
 
@@ -24,9 +29,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
+
+from ordermesh_deploy.etcd_process import EtcdNotFound, etcd_binary
 
 SERVICES = {"order": 8000, "inventory": 8001, "payment": 8002, "shipping": 8003}
 # Service settings that `up` hands on to the services when they are set in its environment.
@@ -42,6 +50,10 @@ PASS_THROUGH = (
 )
 INSTANCE_PORT_STEP = 10  # payment-2 listens on 8012, payment-3 on 8022...
 ETCD_PROGRAM = "etcd"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432"
+PROBE_TIMEOUT = 1.5  # seconds per server probed, so a missing one is named within ~5 s
+_AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
+_FRAME_METHOD = b"\x01"
 
 
 @dataclass
@@ -153,7 +165,7 @@ def _etcd_command(stack: Stack) -> str:
     peer = f"http://127.0.0.1:{stack.etcd_peer_port}"
     data = Path(stack.run_dir).resolve() / "etcd"
     return (
-        f"etcd --name ordermesh --data-dir {data} --listen-client-urls {client}"
+        f"{etcd_binary()} --name ordermesh --data-dir {data} --listen-client-urls {client}"
         f" --advertise-client-urls {client} --listen-peer-urls {peer}"
         f" --initial-advertise-peer-urls {peer} --initial-cluster ordermesh={peer}"
         " --log-level warn"
@@ -188,6 +200,87 @@ async def ensure_databases(postgres_url: str, prefix: str = "ordermesh") -> list
         return created
     finally:
         await conn.close()
+
+
+def local_postgres_url(run_dir: Path) -> str | None:
+    """``POSTGRES_URL`` from ``<run dir>/local.env``, where ``deploy/local/prereqs.sh`` keeps
+    the local stack's PostgreSQL login; None without that file or line."""
+    try:
+        lines = (run_dir / "local.env").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, value = line.partition("=")
+        if name == "POSTGRES_URL" and value:
+            return value.strip()
+    return None
+
+
+def redact(url: str) -> str:
+    """``url`` with its password shown as ``***`` (for messages)."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def missing_prerequisites(stack: Stack) -> list[str]:
+    """One line per server or binary ``up`` needs that is not there, with the command that
+    fixes it; empty when everything is in place."""
+    problems = [
+        _etcd_missing(stack),
+        _rabbitmq_missing(stack.rabbitmq_url),
+        asyncio.run(_postgres_missing(stack.postgres_url)),
+    ]
+    return [problem for problem in problems if problem]
+
+
+def _etcd_missing(stack: Stack) -> str | None:
+    if not stack.private_etcd:
+        return None
+    try:
+        etcd_binary()
+    except EtcdNotFound as exc:
+        return str(exc)
+    return None
+
+
+def _rabbitmq_missing(url: str) -> str | None:
+    parts = urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or 5672)
+    try:
+        with socket.create_connection(address, timeout=PROBE_TIMEOUT) as sock:
+            if parts.scheme == "amqps":
+                return None  # TLS first: a connection is all this checks
+            sock.sendall(_AMQP_HEADER)
+            # A broker that serves answers the protocol header with Connection.Start.
+            reason = None if sock.recv(1) == _FRAME_METHOD else "no AMQP answer"
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    if reason is None:
+        return None
+    return (
+        f"RabbitMQ not answering at {address[0]}:{address[1]} ({reason}): `make deps` as root "
+        "installs and starts it (`rabbitmq-server -detached`), or pass --rabbitmq-url"
+    )
+
+
+async def _postgres_missing(postgres_url: str) -> str | None:
+    where = redact(postgres_url)
+    try:
+        conn = await asyncpg.connect(f"{postgres_url.rstrip('/')}/postgres", timeout=PROBE_TIMEOUT)
+    except OSError as exc:
+        return (
+            f"PostgreSQL not reachable at {where} ({exc}): `make deps` as root installs and "
+            "starts it, or pass --postgres-url"
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return (
+            f"PostgreSQL refused {where} ({exc}): `make deps` as root creates the role "
+            "ordermesh and .run/local.env, which make passes on as POSTGRES_URL"
+        )
+    await conn.close()
+    return None
 
 
 def ctl(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -288,6 +381,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"ports already in use: {', '.join(busy)}; stop whatever listens there first")
         return 1
     stack = _new_stack(args, run_dir)
+    missing = missing_prerequisites(stack)
+    if missing:
+        print("\n".join(missing))
+        return 1
     created = asyncio.run(_prepare_databases(stack.postgres_url, stack.db_prefix))
     if created is None:
         return 1
@@ -308,8 +405,7 @@ async def _prepare_databases(postgres_url: str, prefix: str) -> list[str] | None
     try:
         created = await ensure_databases(postgres_url, prefix)
     except (OSError, asyncpg.PostgresError) as exc:
-        print(f"cannot reach PostgreSQL at {postgres_url}: {exc}")
-        print("start it (see README: make deps) or pass --postgres-url")
+        print(f"cannot create the databases on {redact(postgres_url)}: {exc}")
         return None
     if created:
         print(f"created databases: {', '.join(created)}")
@@ -328,7 +424,7 @@ def _new_stack(args: argparse.Namespace, run_dir: Path) -> Stack:
         etcd_url, peer = args.etcd_url, 0
     return Stack(
         run_dir=str(run_dir),
-        postgres_url=args.postgres_url,
+        postgres_url=args.postgres_url or local_postgres_url(run_dir) or DEFAULT_POSTGRES_URL,
         rabbitmq_url=args.rabbitmq_url,
         etcd_url=etcd_url,
         private_etcd=private,
@@ -426,8 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the stack and wait until every service is ready")
     up.add_argument(
         "--postgres-url",
-        default=os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432"),
-        help="server DSN without a database (env POSTGRES_URL)",
+        default=os.environ.get("POSTGRES_URL") or None,
+        help="server DSN without a database, for a role that may create databases (default:"
+        " env POSTGRES_URL, else the one `make deps` wrote to <run dir>/local.env, else"
+        " postgres@127.0.0.1:5432 with no password)",
     )
     up.add_argument(
         "--rabbitmq-url",

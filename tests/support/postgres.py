@@ -1,7 +1,11 @@
 """Postgres for tests: a fresh database per test on the machine's server, dropped afterwards.
 
-The server is the one CI starts (127.0.0.1:5432, trust auth); ``ORDERMESH_TEST_PG`` points
-elsewhere. Each test gets its own database, so tests never see each other's rows.
+The server is the machine's (127.0.0.1:5432), reached as ``ORDERMESH_TEST_PG``: ``make test``
+sets it from ``.run/local.env``, where ``deploy/local/prereqs.sh`` keeps the password of the
+role ``ordermesh`` it creates (CREATEDB, not a superuser); by hand, ``set -a; . .run/local.env;
+set +a`` first. Unset, it is ``postgres@127.0.0.1`` with no password, which only a server that
+trusts local connections accepts. Each test gets its own database, so tests never see each
+other's rows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 def admin_dsn() -> str:
     """DSN of a database we may CREATE/DROP databases from."""
-    return os.environ.get("ORDERMESH_TEST_PG", DEFAULT_ADMIN_DSN)
+    return os.environ.get("ORDERMESH_TEST_PG") or DEFAULT_ADMIN_DSN
 
 
 def dsn_for(database: str) -> str:
@@ -54,6 +58,7 @@ async def fresh_database() -> AsyncIterator[str]:
     try:
         dsn = await create_database(name)
     except (OSError, asyncpg.PostgresError) as exc:
-        pytest.fail(f"Postgres at {admin_dsn()} is needed for this test: {exc}")
+        where = admin_dsn().split("@")[-1]
+        pytest.fail(f"Postgres at {where} is needed for this test ({exc}): run `make deps`")
     yield dsn
     await drop_database(name)
