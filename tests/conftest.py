@@ -9,7 +9,7 @@ pytest_plugins = [
         "tests.support.postgres",
         "tests.support.etcd",
         "tests.support.rabbitmq",
-        "tests.support.consul_double",
+        "tests.support.consul_fixture",
         "tests.support.stack",
     )
     if importlib.util.find_spec(name) is not None

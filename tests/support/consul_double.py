@@ -35,19 +35,19 @@ them (:data:`FAST_TIMING`) so the tests run in seconds; that is the one delibera
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import random
 import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import parse_qs
 
 import aiohttp
-import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
@@ -717,8 +717,36 @@ class ConsulDoubleServer:
             self._socket.close()
 
 
-@pytest.fixture
-async def consul_double() -> AsyncIterator[ConsulDoubleServer]:
-    """A Consul agent double on a free loopback port with compressed timing (FAST_TIMING)."""
-    async with ConsulDouble(timing=FAST_TIMING) as agent, ConsulDoubleServer(agent) as server:
-        yield server
+def main(argv: list[str] | None = None) -> None:
+    """Serve the double as a Consul agent with Consul's own timing (the offline compose stack).
+
+    ``python consul_double.py --host 0.0.0.0 --port 8500``: the container that stands in for
+    Consul where no Consul image can be had (deploy/compose/offline.yml).
+    """
+    parser = argparse.ArgumentParser(description="A Consul agent API double (no Consul binary).")
+    parser.add_argument(
+        "--host", default=NODE_ADDRESS, help=f"listen address (default {NODE_ADDRESS})"
+    )
+    parser.add_argument("--port", type=int, default=8500, help="listen port (default 8500)")
+    args = parser.parse_args(argv)
+    asyncio.run(_serve(args.host, args.port))
+
+
+async def _serve(host: str, port: int) -> None:
+    async with ConsulDouble() as agent:
+        config = uvicorn.Config(
+            agent,
+            host=host,
+            port=port,
+            interface="asgi3",
+            lifespan="off",
+            ws="none",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+        )
+        await uvicorn.Server(config).serve()
+
+
+if __name__ == "__main__":
+    main()
