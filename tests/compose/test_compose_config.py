@@ -19,11 +19,16 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
+from ordermesh_deploy import compose as stack
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-INIT_SQL = ROOT / "deploy" / "postgres" / "init.sql"
+OFFLINE_FILE = ROOT / stack.OFFLINE_FILE
+INIT_SCRIPT = ROOT / "deploy" / "postgres" / "init.sh"
 RABBITMQ_DIR = ROOT / "deploy" / "rabbitmq"
+# What `make up` would write into .env: a value per secret, made up here.
+SECRETS = {name: f"secret-{name.lower()}" for name in stack.SECRET_NAMES}
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")
 
 APP_SERVICES = ("order", "inventory", "payment", "shipping")
 SCALABLE_SERVICES = ("inventory", "payment", "shipping")
@@ -32,17 +37,30 @@ INFRA_SERVICES = ("consul", "etcd", "postgres", "rabbitmq")
 Service = dict[str, Any]
 
 
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """${VAR}, ${VAR:-default} and ${VAR:?error} as compose reads them (unset -> default)."""
+    return _VARIABLE.sub(lambda m: env.get(m[1], m[2] if "-" in m[0] else ""), text)
+
+
 @pytest.fixture(scope="module")
 def services() -> dict[str, Service]:
     # safe_load resolves the `<<` merge keys, giving each service as compose sees it.
-    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    compose = yaml.safe_load(interpolate(COMPOSE_FILE.read_text(), SECRETS))
     result: dict[str, Service] = compose["services"]
     return result
 
 
 @pytest.fixture(scope="module")
-def init_sql() -> str:
-    return INIT_SQL.read_text()
+def raw_services() -> dict[str, Service]:
+    """The services before interpolation: what the file itself says."""
+    result: dict[str, Service] = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def offline_services() -> dict[str, Service]:
+    result: dict[str, Service] = yaml.safe_load(OFFLINE_FILE.read_text())["services"]
+    return result
 
 
 def _environment(service: Service) -> dict[str, str]:
@@ -141,27 +159,24 @@ def test_only_the_order_api_and_the_uis_have_fixed_host_ports(
     assert fixed == {"8000", "8500", "15672"}
 
 
-def test_each_service_database_is_created_by_init_sql(
-    services: dict[str, Service], init_sql: str
+def test_each_service_logs_in_with_the_role_and_password_init_sh_creates(
+    services: dict[str, Service], raw_services: dict[str, Service]
 ) -> None:
-    databases = set(re.findall(r"CREATE DATABASE (\w+)", init_sql, flags=re.IGNORECASE))
-    for name in APP_SERVICES:
-        url = urlsplit(_environment(services[name])["DATABASE_URL"])
-        assert url.path.lstrip("/") in databases, name
-        assert url.path.lstrip("/") == f"ordermesh_{name}"
-
-
-def test_each_service_logs_in_with_a_role_init_sql_creates(
-    services: dict[str, Service], init_sql: str
-) -> None:
-    roles = dict(
-        re.findall(r"CREATE ROLE (\w+) LOGIN PASSWORD '([^']*)'", init_sql, flags=re.IGNORECASE)
+    # init.sh makes ordermesh_<service> (role and database) with the password in a variable.
+    created = dict(
+        re.findall(
+            r'^create_service_database (\w+) "\$\{(\w+):\?\}"', INIT_SCRIPT.read_text(), re.M
+        )
     )
+    postgres_env = _environment(raw_services["postgres"])
     for name in APP_SERVICES:
         url = urlsplit(_environment(services[name])["DATABASE_URL"])
         assert url.hostname == "postgres", name
-        assert url.username in roles, name
-        assert roles[url.username] == url.password, name
+        assert url.username == f"ordermesh_{name}" == url.path.lstrip("/"), name
+        variable = created[name]
+        # The service and the init script read the same secret.
+        assert url.password == SECRETS[variable], name
+        assert postgres_env[variable].startswith(f"${{{variable}:?"), name
 
 
 def test_services_build_from_the_shared_dockerfile_for_an_existing_service(
@@ -198,14 +213,16 @@ def test_app_services_restart_unless_stopped(services: dict[str, Service]) -> No
 
 def test_files_mounted_into_containers_exist(services: dict[str, Service]) -> None:
     # A missing bind-mount source becomes an empty directory, not an error.
+    generated = "./" + str(stack.DEFINITIONS_FILE.relative_to(ROOT))
     for name, service in services.items():
         for source in _bind_mounts(service):
-            assert (ROOT / source).is_file(), f"{name}: {source}"
+            # The definitions file is written by `make up` (ordermesh-compose) before compose.
+            assert (ROOT / source).is_file() or source == generated, f"{name}: {source}"
 
 
-def test_postgres_runs_init_sql_on_first_start(services: dict[str, Service]) -> None:
+def test_postgres_runs_init_sh_on_first_start(services: dict[str, Service]) -> None:
     mounts = _bind_mounts(services["postgres"])
-    assert mounts["./deploy/postgres/init.sql"].startswith("/docker-entrypoint-initdb.d/")
+    assert mounts["./deploy/postgres/init.sh"].startswith("/docker-entrypoint-initdb.d/")
 
 
 def test_rabbitmq_loads_the_definitions_file_compose_mounts(
@@ -215,10 +232,11 @@ def test_rabbitmq_loads_the_definitions_file_compose_mounts(
     lines = (line.split("=", 1) for line in conf.splitlines() if "=" in line)
     settings = {key.strip(): value.strip() for key, value in lines if not key.startswith("#")}
     mounts = _bind_mounts(services["rabbitmq"])
-    assert settings["definitions.local.path"] == mounts["./deploy/rabbitmq/definitions.json"]
+    generated = "./" + str(stack.DEFINITIONS_FILE.relative_to(ROOT))
+    assert settings["definitions.local.path"] == mounts[generated]
     assert mounts["./deploy/rabbitmq/rabbitmq.conf"].startswith("/etc/rabbitmq/")
-    # Without this, guest may only log in over loopback, i.e. not from the services.
-    assert settings["loopback_users"] == "none"
+    # guest stays limited to loopback (there is no guest user at all in the definitions).
+    assert "loopback_users" not in settings
 
 
 def test_rabbitmq_definitions_declare_the_event_and_dead_letter_exchanges() -> None:
@@ -234,22 +252,75 @@ def test_rabbitmq_definitions_declare_the_event_and_dead_letter_exchanges() -> N
     )
 
 
-def test_the_services_rabbitmq_credentials_are_defined(services: dict[str, Service]) -> None:
-    # Importing definitions at boot skips creating the default user, so the file must.
-    definitions = json.loads((RABBITMQ_DIR / "definitions.json").read_text())
+def test_each_service_logs_in_to_rabbitmq_as_its_own_user(services: dict[str, Service]) -> None:
+    definitions: Any = stack.rabbitmq_definitions(SECRETS)
     users = {user["name"]: user for user in definitions["users"]}
+    assert "guest" not in users
     for name in APP_SERVICES:
         url = urlsplit(_environment(services[name])["RABBITMQ_URL"])
         vhost = url.path[1:] or "/"
-        user = users[url.username or ""]
+        assert url.username == name
+        user = users[name]
         assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
         salted = base64.b64decode(user["password_hash"])
         salt, digest = salted[:4], salted[4:]
         assert hashlib.sha256(salt + (url.password or "").encode()).digest() == digest, name
         assert {"name": vhost} in [{"name": v["name"]} for v in definitions["vhosts"]]
-        assert any(
-            p["user"] == url.username and p["vhost"] == vhost for p in definitions["permissions"]
-        )
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_a_service_may_use_its_own_queues_and_the_shared_exchanges_only(name: str) -> None:
+    definitions: Any = stack.rabbitmq_definitions(SECRETS)
+    [grant] = [p for p in definitions["permissions"] if p["user"] == name]
+    own = (f"{name}.timeline", "ordermesh.events", "ordermesh.dlx", "ordermesh.dead-letters")
+    others = [f"{other}.timeline" for other in APP_SERVICES if other != name]
+    for kind in ("configure", "write", "read"):
+        assert all(re.fullmatch(grant[kind], resource) for resource in own), kind
+        assert not any(re.fullmatch(grant[kind], resource) for resource in others), kind
+
+
+def test_no_secret_has_a_default_in_the_compose_file() -> None:
+    text = COMPOSE_FILE.read_text()
+    # The broker admin's password reaches RabbitMQ only through the generated definitions.
+    for name in set(stack.SECRET_NAMES) - {"RABBITMQ_ADMIN_PASSWORD"}:
+        uses = re.findall(rf"\$\{{{name}(:?[-?])?", text)
+        assert uses, f"{name} is never used"
+        # ${NAME:?...}: compose refuses to start without it; never ${NAME:-default} or bare.
+        assert set(uses) == {":?"}, name
+    assert "guest" not in text
+
+
+def test_published_ports_are_on_loopback_except_the_order_api(
+    raw_services: dict[str, Service],
+) -> None:
+    for name, service in raw_services.items():
+        for port in service.get("ports", []):
+            if name == "order":
+                continue
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
+
+
+@pytest.mark.parametrize("name", INFRA_SERVICES + APP_SERVICES)
+def test_every_container_runs_with_least_privilege(services: dict[str, Service], name: str) -> None:
+    service = services[name]
+    assert service.get("read_only") is True
+    assert service.get("cap_drop") == ["ALL"]
+    assert "no-new-privileges:true" in service.get("security_opt", [])
+    assert service.get("mem_limit")
+
+
+def test_images_are_pinned_to_the_version_lines_the_offline_stack_runs(
+    services: dict[str, Service], offline_services: dict[str, Service]
+) -> None:
+    # The offline images are Debian's builds of PostgreSQL 15, RabbitMQ 3.10 and etcd 3.4:
+    # a user's stack must run the same lines, so what CI tests is what users get.
+    for name in ("postgres", "rabbitmq", "etcd"):
+        line = offline_services[name]["image"].rsplit(":", 1)[1]
+        tag = services[name]["image"].rsplit(":", 1)[1].lstrip("v")
+        assert tag == line or tag.startswith((f"{line}.", f"{line}-")), f"{name}: {tag}"
+    for name, service in services.items():
+        assert ":" in service["image"], name
+        assert not service["image"].endswith(":latest"), name
 
 
 def test_compose_file_matches_the_compose_specification() -> None:
