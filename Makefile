@@ -10,7 +10,7 @@ local_env = $(patsubst $(1)=%,%,$(filter $(1)=%,$(file < .run/local.env)))
 export POSTGRES_URL ?= $(call local_env,POSTGRES_URL)
 export ORDERMESH_TEST_PG ?= $(call local_env,ORDERMESH_TEST_PG)
 
-.PHONY: help install deps dev down status up logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events bench
+.PHONY: help install deps dev down status up images logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -30,11 +30,14 @@ down:  ## stop what `make dev` started
 status:  ## show the local stack's processes
 	$(RUN) ordermesh-local status
 
-up:  ## run the platform with docker compose
-	docker compose up -d --build --wait
+up: install  ## the platform with docker compose: secrets in .env, images built here when no registry answers
+	$(RUN) ordermesh-compose up
+
+images:  ## build every compose image from Debian packages + deploy/Dockerfile (no registry needed)
+	deploy/local/prereqs.sh uv && deploy/images/build.sh
 
 logs:  ## follow the docker compose logs (local stack: .run/logs/)
-	docker compose logs -f
+	$(RUN) ordermesh-compose logs
 
 RATE ?= 20
 DURATION ?= 30
@@ -74,7 +77,7 @@ lint:  ## ruff, mypy (strict) and the compose schema check
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) mypy shared services deploy
-	$(RUN) check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(RUN) check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml deploy/compose/offline.yml
 
 fmt:  ## format and auto-fix
 	$(RUN) ruff format .

@@ -150,7 +150,9 @@ def compose_command() -> list[str]:
     raise SystemExit("docker compose not found: apt-get install docker-compose (or the v2 plugin)")
 
 
-def compose(*args: str, check: bool = True, capture: bool = False) -> subprocess.CompletedProcess[str]:
+def compose(
+    *args: str, check: bool = True, capture: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run a compose command in the repository root (so it reads .env)."""
     return subprocess.run(
         [*compose_command(), *args], cwd=ROOT, check=check, text=True, capture_output=capture
@@ -191,7 +193,9 @@ def wait_healthy(timeout: float) -> dict[str, str]:
         states = health_states()
         waiting = {n: s for n, s in states.items() if s not in ("healthy", "running")}
         line = f"\r{len(states) - len(waiting)}/{len(states)} healthy"
-        line += f" - waiting: {', '.join(f'{n} {s}' for n, s in sorted(waiting.items()))}" * bool(waiting)
+        line += f" - waiting: {', '.join(f'{n} {s}' for n, s in sorted(waiting.items()))}" * bool(
+            waiting
+        )
         print(line[:160].ljust(160), end="", file=sys.stderr, flush=True)
         if states and not waiting:
             break
@@ -253,6 +257,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Follow the stack's logs (Ctrl-C stops)."""
+    try:
+        compose("logs", "-f", "--tail", str(args.tail), *args.services, check=False)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ordermesh-compose`` command line."""
     parser = argparse.ArgumentParser(
@@ -267,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the stack (data kept)").set_defaults(func=cmd_down)
     sub.add_parser("reset", help="stop the stack and delete its data").set_defaults(func=cmd_reset)
     sub.add_parser("status", help="the containers and their health").set_defaults(func=cmd_status)
+    logs = sub.add_parser("logs", help="follow the logs (of some services only, when named)")
+    logs.add_argument("services", nargs="*", help="e.g. order payment")
+    logs.add_argument("--tail", type=int, default=50, help="lines of history first (default 50)")
+    logs.set_defaults(func=cmd_logs)
     return parser
 
 

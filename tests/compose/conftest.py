@@ -1,6 +1,7 @@
 """Fixtures of the compose suite: images, secrets, the stack (pytest-docker), the auditor's DSNs.
 
-The stack starts once per session and is torn down, volumes included, at the end. After the
+The stack starts once per test module (pyproject's `--container-scope=module`) and is torn
+down, volumes included, when the module is done: not left running under the rest of the suite. After the
 run a line gives the compose suite's own counts, so CI's output shows them apart.
 """
 
@@ -70,7 +71,7 @@ def docker_cleanup() -> list[str]:
     return ["down -v --remove-orphans"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def order_api(compose_env: dict[str, str], request: pytest.FixtureRequest) -> str:
     request.getfixturevalue("docker_services")
     url = f"http://127.0.0.1:{compose_env['ORDER_PORT']}"
