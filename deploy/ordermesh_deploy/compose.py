@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -204,8 +205,19 @@ def wait_healthy(timeout: float) -> dict[str, str]:
     return states
 
 
+def _scale_flags(values: list[str]) -> list[str]:
+    flags = []
+    for value in values:
+        service, _, count = value.partition("=")
+        if service not in SERVICES or not count.isdigit() or not 1 <= int(count) <= 9:
+            raise SystemExit(f"--scale expects SERVICE=N with N in 1..9, got {value!r}")
+        flags += ["--scale", value]
+    return flags
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Secrets, images when offline, then up and wait."""
+    scale = _scale_flags(args.scale)
     offline = not registry_reachable()
     env = ensure_env(offline=offline)
     write_definitions(env)
@@ -213,9 +225,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if offline:
         print("no container registry answers: building every image here (make images)")
         subprocess.run(["bash", str(BUILD_SCRIPT)], cwd=ROOT, check=True)
-        compose("up", "-d", "--no-build", *args.extra)
+        compose("up", "-d", "--no-build", *scale)
     else:
-        compose("up", "-d", "--build", *args.extra)
+        compose("up", "-d", "--build", *scale)
     states = wait_healthy(args.timeout)
     unhealthy = sorted(n for n, s in states.items() if s not in ("healthy", "running"))
     if unhealthy or not states:
@@ -259,10 +271,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Follow the stack's logs (Ctrl-C stops)."""
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         compose("logs", "-f", "--tail", str(args.tail), *args.services, check=False)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -275,7 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="write .env if missing, build images offline, start, wait")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for health")
-    up.add_argument("extra", nargs="*", help="passed to `compose up`, e.g. -- --scale payment=3")
+    up.add_argument(
+        "--scale",
+        action="append",
+        default=[],
+        metavar="SERVICE=N",
+        help="run N replicas of SERVICE (compose --scale), e.g. --scale payment=3",
+    )
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the stack (data kept)").set_defaults(func=cmd_down)
     sub.add_parser("reset", help="stop the stack and delete its data").set_defaults(func=cmd_reset)
