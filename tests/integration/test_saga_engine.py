@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 from ordermesh_shared.database import Database
+from ordermesh_shared.resilience import deadline_scope, remaining
 from ordermesh_shared.saga import (
     SAGA_MIGRATIONS,
     SagaDefinition,
@@ -249,3 +250,37 @@ async def test_a_saga_whose_task_died_is_resumed_by_its_own_process(pool: asyncp
             while (await saga_status(pool, saga_id))[0] != "completed":
                 await asyncio.sleep(0.05)
     assert world.calls == ["flight", "hotel", "car"]
+
+
+async def test_steps_and_undos_run_on_their_own_budgets_not_the_launchers(
+    pool: asyncpg.Pool,
+) -> None:
+    world = World()
+    world.failures["car"] = [StepFailed("no_cars", "none")]
+    budgets: dict[str, float | None] = {}
+    definition = world.definition()
+    steps = tuple(_recording_budget(step, budgets) for step in definition.steps)
+    definition = SagaDefinition(
+        "trip", steps=steps, encode=asdict, decode=Trip.from_json, on_finish=definition.on_finish
+    )
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        with deadline_scope(0.001):  # as if launched by a request with 1 ms left
+            saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=5)
+    assert await saga_status(pool, saga_id) == ("cancelled", "no_cars: none")
+    # Every call saw (about) its step's own 0.3 s, the undos included.
+    assert set(budgets) == {"flight", "hotel", "car", "undo-hotel", "undo-flight"}
+    assert all(left is not None and 0.2 < left <= 0.3 for left in budgets.values()), budgets
+
+
+def _recording_budget(step: Step[Trip], budgets: dict[str, float | None]) -> Step[Trip]:
+    async def action(call: StepCall[Trip]) -> Mapping[str, Any] | None:
+        budgets[step.name] = remaining()
+        return await step.action(call)
+
+    async def undo(call: StepCall[Trip]) -> None:
+        budgets[f"undo-{step.name}"] = remaining()
+        assert step.compensation is not None
+        await step.compensation(call)
+
+    return Step(step.name, action, undo, timeout=step.timeout)

@@ -16,6 +16,7 @@ from ordermesh_shared.admin import ADMIN_RESPONSES, RequireAdmin
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.errors import Conflict, NotFound, ServiceError
 from ordermesh_shared.idempotency import KeyReused, request_hash
+from ordermesh_shared.resilience import remaining
 from ordermesh_shared.saga.store import SagaRow
 from pydantic import BaseModel, Field
 
@@ -97,13 +98,27 @@ async def place_order(
     order_id, saga = await _create_or_find(ctx, body, key, fingerprint)
     if saga is not None:
         runtime.engine.launch(order_id, saga)
-    await runtime.engine.wait(order_id, timeout=runtime.wait)
+    await runtime.engine.wait(order_id, timeout=saga_wait(runtime.wait))
     order = await load_order(ctx, order_id)
     return _placed(
         order,
         created=saga is not None,
         location=str(request.url_for("get_order", order_id=order_id)),
     )
+
+
+# What the POST keeps of the caller's deadline to read the order and answer (at least).
+ANSWER_MARGIN = 0.05
+
+
+def saga_wait(configured: float) -> float:
+    """How long the POST waits for its saga: ``configured``, cut short so that the answer
+    (202 + Location if the saga still runs) beats the caller's ``X-Deadline-Ms``. The saga
+    itself runs on its own budget, whatever the caller's deadline."""
+    left = remaining()
+    if left is None:
+        return configured
+    return max(0.0, min(configured, left - max(ANSWER_MARGIN, 0.2 * left)))
 
 
 async def _create_or_find(

@@ -17,7 +17,9 @@ from ordermesh_shared.resilience.deadline import (
     DEADLINE_HEADER,
     DeadlineMiddleware,
     deadline_scope,
+    own_deadline,
     remaining,
+    without_deadline,
 )
 from ordermesh_shared.resilience.engine import AiohttpEngine, HttpxEngine, UpstreamResponse
 from ordermesh_shared.resilience.errors import (
@@ -50,5 +52,7 @@ __all__ = [
     "UpstreamUnavailable",
     "deadline_scope",
     "install_upstream_error_handlers",
+    "own_deadline",
     "remaining",
+    "without_deadline",
 ]

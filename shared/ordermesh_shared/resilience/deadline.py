@@ -14,6 +14,10 @@ answer nobody waits for is work wasted, or worse, a side effect the caller never
     with deadline_scope(0.3):            # this block, and every call in it: 300 ms at most
         await clients.payment.get("/customers/alice")
     remaining()                           # seconds left in the current scope, None: no deadline
+
+Work that outlives the request which started it (a saga, a compensation) must not inherit the
+request's deadline: start its task with ``context=without_deadline()`` and give it a budget of
+its own with :func:`own_deadline`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import Context, ContextVar, copy_context
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -56,6 +60,29 @@ def deadline_scope(seconds: float) -> Iterator[float]:
         yield deadline
     finally:
         _deadline.reset(token)
+
+
+@contextmanager
+def own_deadline(seconds: float) -> Iterator[float]:
+    """A fresh budget of ``seconds`` for the block, ignoring any enclosing deadline; yields it.
+
+    >>> with own_deadline(3.0):          # a saga step: its own 3 s, whoever started the saga
+    ...     await clients.payment.post("/payments", json=body, idempotency_key=key)
+    """
+    deadline = time.monotonic() + seconds
+    token = _deadline.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _deadline.reset(token)
+
+
+def without_deadline() -> Context:
+    """A copy of the current context with no deadline in it, for a task that outlives the
+    request starting it: ``asyncio.create_task(run_saga(), context=without_deadline())``."""
+    context = copy_context()
+    context.run(_deadline.set, None)
+    return context
 
 
 def header_value(seconds: float) -> str:

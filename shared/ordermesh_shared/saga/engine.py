@@ -1,5 +1,10 @@
 """The saga orchestrator: runs sagas forward, compensates in reverse, resumes after crashes.
 
+A saga runs on time budgets of its own, never on the deadline of the request that started it
+(a client's ``X-Deadline-Ms`` of 300 ms must not strand an order): the forward deadline of
+the policy, ``step.timeout`` per attempt, and a fresh ``step.timeout`` for every attempt of a
+compensation.
+
 State is persisted before and after every step; a step's compensation is registered before
 its action runs; compensations are shielded from cancellation and retried with backoff
 until they succeed or, past a limit, the saga is parked as ``compensation_failed`` with the
@@ -28,6 +33,7 @@ import asyncpg
 import structlog
 
 from ordermesh_shared.database import Database, DatabaseNotReady, DbConn
+from ordermesh_shared.resilience.deadline import own_deadline, without_deadline
 from ordermesh_shared.saga import store
 from ordermesh_shared.saga.definition import (
     TERMINAL,
@@ -121,7 +127,10 @@ class SagaEngine:
         if saga_id in self._running:
             return
         self._finished.setdefault(saga_id, asyncio.Event())
-        task = asyncio.create_task(self._run(saga_id, created), name=f"saga-{saga_id}")
+        # Not the launching request's deadline (create_task would copy it): the saga's own.
+        task = asyncio.create_task(
+            self._run(saga_id, created), name=f"saga-{saga_id}", context=without_deadline()
+        )
         self._running[saga_id] = task
         task.add_done_callback(lambda t: self._done(saga_id, t))
 
@@ -229,8 +238,9 @@ class SagaEngine:
         while True:
             attempt += 1
             try:
-                async with asyncio.timeout(step.timeout):
-                    result = await step.action(call)
+                with own_deadline(step.timeout):
+                    async with asyncio.timeout(step.timeout):
+                        result = await step.action(call)
             except StepFailed as failure:
                 await self._attempt(call.saga_id, step.name, "forward", str(failure))
                 raise
@@ -248,7 +258,9 @@ class SagaEngine:
 
     async def _shielded_compensation(self, definition: SagaDefinition[Any], saga: SagaRow) -> None:
         # A shutdown (cancellation of the saga task) must not cut an undo in half.
-        task = asyncio.create_task(self._compensate(definition, saga), name=f"undo-{saga.id}")
+        task = asyncio.create_task(
+            self._compensate(definition, saga), name=f"undo-{saga.id}", context=without_deadline()
+        )
         self._compensations.add(task)
         task.add_done_callback(self._compensations.discard)
         await asyncio.shield(task)
@@ -284,9 +296,10 @@ class SagaEngine:
         )
         call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}:undo", value, data)
         for attempt in range(1, self.policy.compensation_attempts + 1):
-            try:
-                async with asyncio.timeout(step.timeout):
-                    await step.compensation(call)
+            try:  # a fresh budget per attempt, whatever time the forward path used up
+                with own_deadline(step.timeout):
+                    async with asyncio.timeout(step.timeout):
+                        await step.compensation(call)
             except Exception as exc:
                 await self._attempt(saga_id, step.name, "compensate", _describe(exc))
                 cap = self.policy.compensation_backoff_max

@@ -1,0 +1,109 @@
+"""The saga's time budgets are its own: a client's short ``X-Deadline-Ms`` bounds only how
+long ``POST /orders`` waits for its answer, never the saga it started.
+
+The order service runs in-process on a real Postgres and RabbitMQ; the participants are one
+aiohttp server on loopback (reached through the real ServiceClient), with payment answering
+in 400 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import web
+from order.app import OrderSettings, order_spec
+from ordermesh_shared.discovery import ServiceInstance
+
+from tests.support.apps import running, wait_ready
+from tests.support.fakes import InMemoryRegistry
+
+pytestmark = pytest.mark.integration
+
+PAYMENT_TAKES = 0.4
+
+
+class Participants:
+    """Inventory, payment and shipping in one server; records every call it answers."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        path = request.path
+        self.calls.append(f"{request.method} {path}")
+        if path == "/payments":
+            await asyncio.sleep(PAYMENT_TAKES)
+            return web.json_response({"id": str(uuid.uuid4())}, status=201)
+        if path == "/reservations":
+            body = await request.json()
+            lines = [{"sku": i["sku"], "unit_price": "10.00"} for i in body["items"]]
+            return web.json_response({"items": lines, "total": "10.00"}, status=201)
+        if path == "/shipments":
+            return web.json_response({"id": str(uuid.uuid4())}, status=201)
+        return web.json_response({})  # commit, and the compensations
+
+    @asynccontextmanager
+    async def serving(self, registry: InMemoryRegistry) -> AsyncIterator[None]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        for service in ("inventory", "payment", "shipping"):
+            instance = ServiceInstance(service, f"{service}-1", "127.0.0.1", port)
+            await registry.register(instance)
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+
+async def wait_terminal(client: Any, location: str) -> dict[str, Any]:
+    async with asyncio.timeout(15):
+        while True:
+            order: dict[str, Any] = (await client.get(location)).json()
+            if order["status"] in ("completed", "cancelled", "compensation_failed"):
+                return order
+            await asyncio.sleep(0.05)
+
+
+async def test_a_300ms_request_deadline_does_not_bound_the_saga(
+    fresh_database: str, rabbit_vhost: str
+) -> None:
+    registry = InMemoryRegistry()
+    participants = Participants()
+    settings = OrderSettings(
+        database_url=fresh_database,
+        rabbitmq_url=rabbit_vhost,
+        port=18150,
+        outbox_relay="off",
+        order_wait=5.0,
+    )
+    async with (
+        participants.serving(registry),
+        running(order_spec(settings), settings, registry) as client,
+    ):
+        await wait_ready(client)
+        placed = await client.post(
+            "/orders",
+            json={
+                "customer_id": "alice",
+                "items": [{"sku": "KB-101", "quantity": 1}],
+                "destination": "DE",
+            },
+            headers={"X-Deadline-Ms": "300"},
+        )
+        # Answered within the caller's deadline: still running, follow Location.
+        assert placed.status_code == 202, placed.text
+        order = await wait_terminal(client, placed.headers["Location"])
+    assert order["status"] == "completed", order
+    steps = {(s["step"], s["direction"]): s for s in order["steps"]}
+    assert steps[("charge_payment", "forward")]["attempts"] == 1
+    assert participants.calls.count("POST /payments") == 1
