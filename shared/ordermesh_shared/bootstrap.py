@@ -153,7 +153,7 @@ def _lifespan(
             install_outbox(app, ctx)  # lag monitor, quarantine admin, relay (waits for migrations)
             if spec.setup is not None:
                 await stack.enter_async_context(spec.setup(ctx))
-            ctx.tasks.start(keep_registered(ctx), name="presence")
+            ctx.tasks.supervise(lambda: keep_registered(ctx), name="presence")
             _warn_on_demo_token(settings)
             log.info("service.started", port=settings.port, registry=settings.registry)
             yield
@@ -176,11 +176,15 @@ async def _open_context(
     broker = await stack.enter_async_context(Broker(settings.rabbitmq_url, name=spec.name))
     registry = await stack.enter_async_context(registry_factory(settings))
     health = Health(
-        {"database": db.ping, "rabbitmq": broker.ping, "registry": registry.ping},
-        timeout=settings.health_timeout,
+        {"database": db.ping, "registry": registry.ping}, timeout=settings.health_timeout
     )
+    # Reported, but no reason to stop serving: HTTP work goes on, the outbox holds the events.
+    health.add_check("rabbitmq", broker.ping, critical=False)
     clients = await stack.enter_async_context(ServiceClient(registry, metrics=metrics.registry))
     tasks = await stack.enter_async_context(BackgroundTasks())
+    # Every supervised loop in the details; one down past its grace makes the instance unready.
+    health.add_check("background", tasks.check)
+    health.add_detail("background", tasks.report)
     instance = ServiceInstance(
         service=spec.name,
         instance_id=settings.instance_id,
@@ -202,10 +206,9 @@ async def keep_registered(ctx: ServiceContext, *, interval: float = PRESENCE_INT
         while True:
             report = await ctx.health.check()
             # A registry outage says nothing about this instance: withdrawing would only
-            # empty every caller's cache the moment the registry came back.
-            ready = all(
-                state == "ok" for name, state in report.checks.items() if name != "registry"
-            )
+            # empty every caller's cache the moment the registry came back. (A broker outage
+            # is an advisory check: it never withdraws the instance either.)
+            ready = report.ready_without(["registry"])
             registered = await _sync_presence(ctx, ready=ready, registered=registered)
             await asyncio.sleep(interval)
     finally:

@@ -64,7 +64,8 @@ class Broker:
 
     async def ping(self) -> None:
         """Health check: the connection is open (robust reconnects show up here as errors)."""
-        self.connection  # noqa: B018 - the property raises when there is no open connection
+        if not self.connection.connected.is_set():  # lost; aio-pika is reconnecting
+            raise BrokerUnavailable("connection lost; reconnecting")
 
     async def _connect(self) -> None:
         retrying = AsyncRetrying(

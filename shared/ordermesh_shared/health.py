@@ -1,7 +1,9 @@
 """Liveness and readiness: dependency checks run concurrently, each under its own timeout.
 
 A check is an async callable that returns on success and raises with a readable message
-on failure. ``/health/ready`` answers 503 unless every check passes.
+on failure. ``/health/ready`` answers 503 unless every critical check passes; an advisory
+check (``critical=False``: the broker, whose events wait in the outbox meanwhile) is reported
+with its error and turns the status to ``degraded``, but the instance stays ready.
 
 >>> health = Health({"database": db.ping, "rabbitmq": broker.ping}, timeout=1.0)
 >>> report = await health.check()
@@ -11,7 +13,7 @@ on failure. ``/health/ready`` answers 503 unless every check passes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +30,23 @@ class HealthReport:
 
     checks: dict[str, str]
     details: dict[str, Any]
+    advisory: frozenset[str] = frozenset()  # checks that do not decide readiness
 
     @property
     def ready(self) -> bool:
-        """True when every check passed."""
-        return all(v == OK for v in self.checks.values())
+        """True when every critical check passed."""
+        return self.ready_without(())
+
+    def ready_without(self, ignored: Iterable[str]) -> bool:
+        """True when every critical check not in ``ignored`` passed."""
+        skip = self.advisory.union(ignored)
+        return all(v == OK for k, v in self.checks.items() if k not in skip)
 
     def as_json(self) -> dict[str, Any]:
         """The response body: ``{status, checks, details?}``."""
+        degraded = any(v != OK for v in self.checks.values())
         body: dict[str, Any] = {
-            "status": "ok" if self.ready else "unavailable",
+            "status": ("degraded" if degraded else "ok") if self.ready else "unavailable",
             "checks": self.checks,
         }
         if self.details:
@@ -51,11 +60,19 @@ class Health:
     def __init__(self, checks: Mapping[str, Check] | None = None, *, timeout: float = 1.0) -> None:
         self._checks: dict[str, Check] = dict(checks or {})
         self._details: dict[str, Callable[[], Awaitable[Any]]] = {}
+        self._advisory: set[str] = set()
         self.timeout = timeout
 
-    def add_check(self, name: str, check: Check) -> None:
-        """Add a dependency; later components (outbox relay, consumers) add theirs."""
+    def add_check(self, name: str, check: Check, *, critical: bool = True) -> None:
+        """Add a dependency; later components (outbox relay, consumers) add theirs.
+
+        ``critical=False``: reported, but its failure leaves the instance ready.
+        """
         self._checks[name] = check
+        if critical:
+            self._advisory.discard(name)
+        else:
+            self._advisory.add(name)
 
     def add_detail(self, name: str, provider: Callable[[], Awaitable[Any]]) -> None:
         """Add informative data to the readiness body that does not decide readiness."""
@@ -72,7 +89,8 @@ class Health:
                     details[name] = await provider()
             except Exception as exc:
                 details[name] = f"unavailable: {_describe(exc)}"
-        return HealthReport(dict(zip(names, results, strict=True)), details)
+        checks = dict(zip(names, results, strict=True))
+        return HealthReport(checks, details, frozenset(self._advisory))
 
     async def _run(self, check: Check) -> str:
         try:

@@ -229,3 +229,31 @@ async def test_a_poison_message_does_not_sink_its_batch(
     assert sorted(m.message_id for m in dead) == sorted([str(poison.id), "junk-2"])
     assert await effects(db) == [str(e.id) for e in fine]
     assert consumer.counts == {"applied": 10, "retried": 2, "dead_lettered": 2}
+
+
+class NotUtf8(str):
+    """A header value that goes on the wire as bytes that are not UTF-8 (pamqp encodes a
+    string with ``.encode``), as a foreign or broken publisher may send it."""
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe not utf-8"
+
+
+async def test_a_header_that_is_not_utf8_is_dead_lettered_and_later_events_applied(
+    db: Database, broker: Broker, channel: AbstractChannel
+) -> None:
+    broken = encode_event(outgoing({"n": 0}), service="shop")
+    assert broken.headers is not None
+    broken.headers["ce-source"] = NotUtf8("/ordermesh/shop")
+    later = [outgoing({"n": i}, sequence=i + 1) for i in range(1, 4)]  # same aggregate, lane
+    async with consuming(db, broker) as consumer:
+        await publish(channel, broken)
+        (dead,) = await dead_letters(channel, 1)
+        for event in later:
+            await publish(channel, encode_event(event, service="shop"))
+        await eventually(lambda: _settled(consumer, 4))
+    assert dead.message_id == broken.message_id
+    assert await effects(db) == [str(e.id) for e in later]
+    assert consumer.counts == {"dead_lettered": 1, "applied": 3}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -284,3 +284,60 @@ def _recording_budget(step: Step[Trip], budgets: dict[str, float | None]) -> Ste
         await step.compensation(call)
 
     return Step(step.name, action, undo, timeout=step.timeout)
+
+
+class FlakyPool:
+    """The real pool, except that while ``failing`` every acquire raises what a database cut
+    raises in asyncpg (InterfaceError, InternalClientError), in turn."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.failing = False
+        self.failures = 0
+
+    def acquire(self) -> Any:
+        if not self.failing:
+            return self._pool.acquire()
+        self.failures += 1
+        if self.failures % 2:
+            return _Raising(
+                asyncpg.InterfaceError("cannot perform operation: connection is closed")
+            )
+        return _Raising(asyncpg.InternalClientError("unexpected connection state"))
+
+
+class _Raising:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def __aenter__(self) -> None:
+        raise self.error
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+async def test_loops_fed_interface_errors_live_on_and_resume_a_stranded_saga(
+    pool: asyncpg.Pool,
+) -> None:
+    world = World()
+    definition = world.definition()
+    policy = replace(FAST, lease_ttl=2.0)
+    flaky = FlakyPool(pool)
+    engine = SagaEngine(flaky, owner="t1", definitions=[definition], policy=policy)  # type: ignore[arg-type]
+    async with engine:
+        flaky.failing = True
+        async with asyncio.timeout(10):  # both loops ticked into the errors, several times
+            while flaky.failures < 6:
+                await asyncio.sleep(0.02)
+        flaky.failing = False
+        assert not any(loop.done() for loop in engine._loops)
+        saga_id = uuid.uuid4()
+        async with pool.acquire() as conn, conn.transaction():
+            await engine.create(conn, definition, saga_id, Trip("Braga"))
+        # Never launched (its task died, say): the recovery loop must find it.
+        async with asyncio.timeout(2 * policy.lease_ttl):
+            while (await saga_status(pool, saga_id))[0] != "completed":
+                await asyncio.sleep(0.05)
+        assert not any(loop.done() for loop in engine._loops)
+    assert world.calls == ["flight", "hotel", "car"]

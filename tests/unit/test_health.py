@@ -54,3 +54,16 @@ async def test_details_never_decide_readiness() -> None:
     report = await health.check()
     assert report.ready
     assert report.details == {"outbox": "unavailable: RuntimeError: lag query failed"}
+
+
+async def test_an_advisory_check_is_reported_but_leaves_the_instance_ready() -> None:
+    health = Health({"database": ok})
+    health.add_check("rabbitmq", refuses, critical=False)
+    report = await health.check()
+    assert report.ready
+    assert report.as_json() == {
+        "status": "degraded",
+        "checks": {"database": "ok", "rabbitmq": "ConnectionRefusedError: connection refused"},
+    }
+    health.add_check("database", refuses)
+    assert not (await health.check()).ready

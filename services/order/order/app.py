@@ -50,7 +50,11 @@ def _saga_setup(settings: OrderSettings) -> Setup:
             forward_deadline=settings.saga_deadline, lease_ttl=settings.saga_lease_ttl
         )
         engine = SagaEngine(
-            ctx.db, owner=settings.instance_id, definitions=[definition], policy=policy
+            ctx.db,
+            owner=settings.instance_id,
+            definitions=[definition],
+            policy=policy,
+            tasks=ctx.tasks,  # its heartbeat and recovery loops show in readiness
         )
         async with engine:
             ctx.extras[RUNTIME_KEY] = OrderRuntime(engine, definition, settings.order_wait)

@@ -29,7 +29,7 @@ does not dead-letter everything.
 >>> async def on_event(conn: DbConn, event: Event) -> None:
 ...     await conn.execute("INSERT INTO timeline ...", event.aggregate_id, event.type)
 >>> consumer = EventConsumer(db, broker, Subscription("order.timeline", ["#"], on_event))
->>> tasks.start(consumer.run(), name="timeline-consumer")
+>>> tasks.supervise(consumer.run, name="timeline-consumer")
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class EventConsumer:
     """Consumes one queue into one handler; runs until cancelled, across broker restarts.
 
     >>> consumer = EventConsumer(db, broker, subscription, topology=Topology())
-    >>> tasks.start(consumer.run(), name="consumer")
+    >>> tasks.supervise(consumer.run, name="consumer")
     >>> consumer.counts        # {"applied": 10, "duplicate": 1, ...} (also a metric)
     """
 
@@ -144,7 +144,9 @@ class EventConsumer:
         while True:
             try:
                 return await self._subscribe()
-            except (BrokerUnavailable, ConnectionError, TimeoutError) as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 queue = self.subscription.queue
                 log.warning("consumer.broker_unavailable", queue=queue, error=str(exc))
                 await asyncio.sleep(delay)
@@ -208,8 +210,9 @@ class EventConsumer:
     async def _decode_or_dead_letter(self, message: AbstractIncomingMessage) -> Event | None:
         try:
             return decode_event(message)
-        except BadEnvelope as exc:
-            log.error("consumer.unreadable", message_id=message.message_id, error=str(exc))
+        except Exception as exc:  # BadEnvelope, or anything else a malformed message raises
+            error = str(exc) if isinstance(exc, BadEnvelope) else repr(exc)
+            log.error("consumer.unreadable", message_id=message.message_id, error=error)
             await self._settle(message, "dead_lettered")
             return None
 

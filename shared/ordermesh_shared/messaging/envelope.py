@@ -156,7 +156,7 @@ def _rfc3339(moment: datetime) -> str:
 def decode_event(message: ReceivedMessage) -> Event:
     """The event in ``message``; raises :class:`BadEnvelope` when it is not one of ours."""
     headers = {
-        k.lower(): _header_text(v)
+        k.lower(): _header_text(k, v)
         for k, v in (message.headers or {}).items()
         if k.lower().startswith(ce_rabbitmq.CE_PREFIX)
     }
@@ -222,6 +222,12 @@ def _extensions(attributes: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in attributes.items() if k not in skip}
 
 
-def _header_text(value: object) -> str:
-    # The binding reads strings; AMQP tables may hand us bytes.
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _header_text(name: str, value: object) -> str:
+    # The binding reads strings; AMQP tables may hand us bytes (pamqp passes on a long string
+    # that is not UTF-8 as bytes): such a message is not one of ours.
+    if not isinstance(value, bytes | bytearray):
+        return str(value)
+    try:
+        return bytes(value).decode()
+    except UnicodeDecodeError as exc:
+        raise BadEnvelope(f"header {name} is not UTF-8 text: {exc}") from exc

@@ -2,8 +2,9 @@
 
 >>> start_consumer(ctx, Subscription("order.timeline", ["#"], record_timeline_event))
 
-The consumer runs as a background task of the service (cancelled at shutdown), waits for the
-broker and the migrations by itself, and counts its outcomes in the service's ``/metrics``
+The consumer runs as a supervised loop of the service (restarted if it dies, cancelled at
+shutdown, shown in ``/health/ready``), waits for the broker and the migrations by itself,
+and counts its outcomes in the service's ``/metrics``
 (``messaging_events_consumed_total{queue, outcome}``).
 """
 
@@ -36,5 +37,5 @@ def start_consumer(
     consumer = EventConsumer(
         ctx.db, ctx.broker, subscription, topology=topology, metrics=consumer_metrics(ctx)
     )
-    ctx.tasks.start(consumer.run(), name=f"consumer:{subscription.queue}")
+    ctx.tasks.supervise(consumer.run, name=f"consumer:{subscription.queue}")
     return consumer

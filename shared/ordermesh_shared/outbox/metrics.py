@@ -6,7 +6,7 @@ Prometheus scrape cannot await a query).
 
 >>> metrics = OutboxMetrics(registry)               # the app's CollectorRegistry
 >>> monitor = OutboxMonitor(db, metrics, interval=5.0)
->>> tasks.start(monitor.run(), name="outbox-monitor")
+>>> tasks.supervise(monitor.run, name="outbox-monitor")
 >>> await monitor.lag()                             # OutboxLag(pending=3, ...), also for health
 """
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ordermesh_shared.database import Database, DatabaseNotReady
+from ordermesh_shared.database import Database
 from ordermesh_shared.outbox.store import OutboxLag, outbox_lag
+from ordermesh_shared.transient import is_transient
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +112,8 @@ class OutboxMonitor:
         while True:
             try:
                 await self.lag()
-            except (DatabaseNotReady, OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise  # the supervisor logs it and restarts the loop
                 log.debug("outbox.lag_unavailable", error=str(exc))
             await asyncio.sleep(self._interval)

@@ -25,7 +25,7 @@ batch: under load most rows are claimed before their notification arrives, and e
 needless claim was three round trips for nothing.
 
 >>> relay = OutboxRelay(db, broker, service="order", fence=fence_for("order"))
->>> tasks.start(relay.run(election), name="outbox-relay")    # leads, relays, steps down
+>>> tasks.supervise(lambda: relay.run(election), name="outbox-relay")  # leads, relays, steps down
 """
 
 from __future__ import annotations

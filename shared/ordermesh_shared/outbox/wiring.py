@@ -77,7 +77,7 @@ def install_outbox(app: FastAPI, ctx: ServiceContext) -> None:
     monitor = OutboxMonitor(ctx.db, metrics)
     ctx.health.add_detail("outbox", monitor.lag_json)
     app.include_router(outbox_admin_router())
-    ctx.tasks.start(monitor.run(), name="outbox-monitor")
+    ctx.tasks.supervise(monitor.run, name="outbox-monitor")
     mode = relay_mode(ctx.settings)
     service = ctx.instance.service
     log.info("outbox.relay_mode", mode=mode)
@@ -86,8 +86,10 @@ def install_outbox(app: FastAPI, ctx: ServiceContext) -> None:
     fenced = relay_fence(service) if mode == "elected" else no_fence
     relay = OutboxRelay(ctx.db, ctx.broker, service=service, fence=fenced, metrics=metrics)
     if mode == "standalone":
-        ctx.tasks.start(relay.run(SoleLeader()), name="outbox-relay")
+        ctx.tasks.supervise(lambda: relay.run(SoleLeader()), name="outbox-relay")
         return
     instance_id = ctx.instance.instance_id
-    elected = run_elected(relay, etcd_url=ctx.settings.etcd_url, instance_id=instance_id)
-    ctx.tasks.start(elected, name="outbox-relay")
+    etcd_url = ctx.settings.etcd_url
+    ctx.tasks.supervise(
+        lambda: run_elected(relay, etcd_url=etcd_url, instance_id=instance_id), name="outbox-relay"
+    )

@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from ordermesh_shared.database import Database, DatabaseNotReady, DbConn
+from ordermesh_shared.database import Database, DbConn
 from ordermesh_shared.resilience.deadline import own_deadline, without_deadline
 from ordermesh_shared.saga import store
 from ordermesh_shared.saga.definition import (
@@ -45,6 +45,8 @@ from ordermesh_shared.saga.definition import (
     StepFailed,
 )
 from ordermesh_shared.saga.store import LostOwnership, SagaRow
+from ordermesh_shared.tasks import BackgroundTasks
+from ordermesh_shared.transient import is_transient
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +65,10 @@ class SagaEngine:
         owner: str,
         definitions: Iterable[SagaDefinition[Any]],
         policy: SagaPolicy | None = None,
+        tasks: BackgroundTasks | None = None,
     ) -> None:
+        """``tasks``: the service's supervisor (its loops then show in readiness); by default
+        the engine supervises its heartbeat and recovery loops itself."""
         # A Database hands out its pool only once migrated; the loops wait for that.
         self._source = pool
         self.instance = owner
@@ -75,15 +80,20 @@ class SagaEngine:
         self._compensations: set[asyncio.Task[None]] = set()
         self._finished: dict[uuid.UUID, asyncio.Event] = {}
         self._loops: list[asyncio.Task[None]] = []
+        self._own_tasks = tasks is None
+        self._tasks = tasks or BackgroundTasks()
 
     @property
     def _pool(self) -> asyncpg.Pool:
         return self._source.pool if isinstance(self._source, Database) else self._source
 
     async def __aenter__(self) -> SagaEngine:
+        if self._own_tasks:
+            await self._tasks.__aenter__()
+        # Supervised: a failure that escapes a tick is logged and the loop restarted.
         self._loops = [
-            asyncio.create_task(self._heartbeat(), name="saga-heartbeat"),
-            asyncio.create_task(self._recover(), name="saga-recovery"),
+            self._tasks.supervise(self._heartbeat, name="saga-heartbeat"),
+            self._tasks.supervise(self._recover, name="saga-recovery"),
         ]
         return self
 
@@ -102,6 +112,8 @@ class SagaEngine:
             task.cancel()
         pending = [*self._loops, *self._running.values(), *self._compensations]
         await asyncio.gather(*pending, return_exceptions=True)
+        if self._own_tasks:
+            await self._tasks.__aexit__(exc_type, exc, tb)
 
     async def create(
         self, conn: DbConn, definition: SagaDefinition[Any], saga_id: uuid.UUID, value: Any
@@ -432,6 +444,8 @@ def _describe(exc: BaseException) -> str:
 async def _quietly(event: str, work: Any) -> None:
     try:
         await work
-    except (OSError, asyncpg.PostgresError, DatabaseNotReady) as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            raise  # a bug: the supervisor logs it and restarts the loop
         # The database may be restarting; the loop tries again on its next tick.
-        log.warning(event, error=str(exc))
+        log.warning(event, error=_describe(exc))
