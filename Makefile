@@ -10,7 +10,7 @@ local_env = $(patsubst $(1)=%,%,$(filter $(1)=%,$(file < .run/local.env)))
 export POSTGRES_URL ?= $(call local_env,POSTGRES_URL)
 export ORDERMESH_TEST_PG ?= $(call local_env,ORDERMESH_TEST_PG)
 
-.PHONY: help install deps dev down status up images logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events bench
+.PHONY: help install deps dev down status up images logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events bench reset
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -24,11 +24,18 @@ deps:  ## install and start uv, PostgreSQL, RabbitMQ, etcd (as root; else names 
 dev: deps install  ## run the whole platform as local processes (no Docker), installing what it needs
 	$(RUN) ordermesh-local up
 
-down:  ## stop what `make dev` started
-	$(RUN) ordermesh-local down
+# The stack tools act on: the local one when `make dev` runs, else compose; TARGET=compose picks.
+TARGET_ARG = $(if $(TARGET),--target $(TARGET))
+STACK = $(RUN) python -m ordermesh_deploy.stacks $(TARGET_ARG)
 
-status:  ## show the local stack's processes
-	$(RUN) ordermesh-local status
+down:  ## stop whichever stack runs, local or compose (data kept; TARGET=local|compose picks)
+	$(STACK) down
+
+status:  ## which stack runs: its processes or containers, their state and ports
+	$(STACK) status
+
+reset:  ## wipe the running stack's databases and event queues, start it again with the demo data
+	$(STACK) reset
 
 up: install  ## the platform with docker compose: secrets in .env, images built here when no registry answers
 	$(RUN) ordermesh-compose up
@@ -43,20 +50,20 @@ RATE ?= 20
 DURATION ?= 30
 SCENARIO ?= kill-payment
 
-load:  ## open-loop orders against the local stack: make load RATE=50 DURATION=60
-	$(RUN) ordermesh-load --rate $(RATE) --duration $(DURATION)
+load:  ## open-loop orders against the running stack: make load RATE=50 DURATION=60
+	$(RUN) ordermesh-load $(TARGET_ARG) --rate $(RATE) --duration $(DURATION)
 
-audit:  ## check the invariants of the local stack (exit 1 on a violation)
-	$(RUN) ordermesh-audit
+audit:  ## check the invariants of the running stack (exit 1 on a violation)
+	$(RUN) ordermesh-audit $(TARGET_ARG)
 
-chaos:  ## one chaos scenario on the local stack: make chaos SCENARIO=kill-order
-	$(RUN) ordermesh-chaos scenario $(SCENARIO)
+chaos:  ## one chaos scenario on the running stack: make chaos SCENARIO=kill-order
+	$(RUN) ordermesh-chaos $(TARGET_ARG) scenario $(SCENARIO)
 
-chaos-all:  ## every chaos scenario on the local stack, each with its audit
-	$(RUN) ordermesh-chaos scenario all
+chaos-all:  ## every chaos scenario on the running stack, each with its audit
+	$(RUN) ordermesh-chaos $(TARGET_ARG) scenario all
 
-events:  ## tail the live event stream of the local stack, one line per event
-	$(RUN) python -m ordermesh_deploy.events
+events:  ## tail the running stack's live event stream, one line per event
+	$(RUN) python -m ordermesh_deploy.events $(TARGET_ARG)
 
 demo-election:  ## three contenders on etcd; the leader is SIGKILLed; a new one takes over
 	$(RUN) python -m ordermesh_deploy.coordination_demo election

@@ -4,9 +4,11 @@ Waits (bounded) until no order is pending and no outbox row waits, then checks t
 failure semantics the platform promises, reading each service's own database (the read APIs
 show one record at a time; the invariants are about all of them together). Prints a table
 invariant -> ok / VIOLATED with counts and examples; exits non-zero on any violation.
+Reads whichever stack runs: the local one's databases, or compose's as the read-only
+``ordermesh_audit`` role on PostgreSQL's published port.
 
-    ordermesh-audit                     # the local stack in .run/
-    ordermesh-audit --timeout 60
+    ordermesh-audit                     # the running stack (local if `make dev` runs)
+    ordermesh-audit --target compose --timeout 60
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import asyncpg
 
-from ordermesh_deploy.local import SERVICES, Stack
+from ordermesh_deploy import stacks
 
 TERMINAL = ("completed", "cancelled", "compensation_failed")
 
@@ -246,26 +247,19 @@ def render(findings: list[Finding]) -> str:
     return "\n".join(lines)
 
 
-def stack_databases(stack: Stack) -> dict[str, str]:
-    """Each service's DSN in a local stack."""
-    return {s: f"{stack.postgres_url.rstrip('/')}/{stack.db_prefix}_{s}" for s in SERVICES}
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``ordermesh-audit``."""
     parser = argparse.ArgumentParser(
         prog="ordermesh-audit",
         description="Check the platform's invariants after the dust settles.",
     )
-    parser.add_argument(
-        "--run-dir", default=".run", help="the local stack's run dir (default .run)"
-    )
+    stacks.add_target_arguments(parser)
     parser.add_argument("--timeout", type=float, default=30, help="seconds to wait for quiescence")
     args = parser.parse_args(argv)
-    stack = Stack.load(Path(args.run_dir))
-    if stack is None:
-        raise SystemExit(f"no local stack in {args.run_dir}: start one with `make dev`")
-    findings = asyncio.run(audit(stack_databases(stack), within=args.timeout))
+    stack = stacks.find_or_exit(args.target, run_dir=args.run_dir)
+    databases = stacks.or_exit(lambda: stack.databases)
+    print(f"auditing the {stack.kind} stack", file=sys.stderr)
+    findings = asyncio.run(audit(databases, within=args.timeout))
     print(render(findings))
     sys.exit(0 if all(f.ok for f in findings) else 1)
 

@@ -1,13 +1,16 @@
-"""Chaos on purpose: kill, pause and restart parts of the platform, then check the books.
+"""Chaos on purpose: kill, pause, partition and restart parts of the platform, then check the books.
 
-Acts on the local stack (processes under supervisord: SIGKILL, SIGSTOP/SIGCONT, restart) or
-on the docker compose stack (containers: kill, pause/unpause, restart, stop/start). Every
-action is printed with a timestamp. Scenarios run load + fault + heal + audit.
+Acts on whichever stack runs (``--target`` chooses): the local stack's processes under
+supervisord (SIGKILL, SIGSTOP/SIGCONT, restart) or the compose stack's containers (kill and
+start, pause/unpause, restart, a network partition). A service's name picks one of its
+instances at random (seeded, printed), ``payment-2`` names one, ``--all`` takes every one.
+Every action is printed with a timestamp. Scenarios run load + fault + heal + audit.
 
-    ordermesh-chaos kill payment-1                  # local stack (.run/)
+    ordermesh-chaos kill payment-1                  # the local stack (make dev)
     ordermesh-chaos pause inventory-1 --for 6       # SIGSTOP, then SIGCONT after 6 s
-    ordermesh-chaos --target compose kill payment
-    ordermesh-chaos fault payment-1 --error-rate 0.5 --latency-ms 200
+    ordermesh-chaos --target compose kill payment   # one payment replica, picked at random
+    ordermesh-chaos --target compose partition inventory --for 5
+    ordermesh-chaos fault payment-2 --error-rate 0.5 --latency-ms 200
     ordermesh-chaos random --every 4 --for 40 --seed 7
     ordermesh-chaos scenario kill-payment           # or: scenario all
 """
@@ -17,183 +20,63 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
-from ordermesh_shared.etcd import EtcdClient
-from ordermesh_shared.outbox.wiring import election_name
 
-from ordermesh_deploy.audit import audit, render, stack_databases
+from ordermesh_deploy import stacks
+from ordermesh_deploy.audit import audit, render
 from ordermesh_deploy.load import run_load, settle
-from ordermesh_deploy.local import Stack, ctl
+from ordermesh_deploy.targets import ComposeTarget, LocalTarget, Target, say, split_name
+
+ACTIONS = ("kill", "pause", "resume", "restart", "partition")
 
 
-def say(message: str) -> None:
-    """Print one timestamped action line."""
-    stamp = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
-    print(f"[{stamp}] {message}", flush=True)
+async def act(
+    target: Target,
+    action: str,
+    name: str,
+    *,
+    hold: float = 0.0,
+    everyone: bool = False,
+    seed: int = 1,
+) -> list[str]:
+    """Do one action on what ``name`` means and print it; returns the instances acted on.
 
-
-class Target:
-    """Something chaos can act on: the local stack's processes or compose's containers."""
-
-    async def kill(self, name: str) -> None:
-        """Crash it (no goodbye)."""
-        raise NotImplementedError
-
-    async def pause(self, name: str) -> None:
-        """Freeze it (it keeps its sockets and leases, and answers nothing)."""
-        raise NotImplementedError
-
-    async def resume(self, name: str) -> None:
-        """Unfreeze it."""
-        raise NotImplementedError
-
-    async def restart(self, name: str) -> None:
-        """Stop and start it."""
-        raise NotImplementedError
-
-    def names(self) -> list[str]:
-        """What can be targeted."""
-        raise NotImplementedError
-
-
-SERVER_OUTAGE = 3.0  # seconds the machine's Postgres or RabbitMQ stays down on kill/restart
-
-
-async def _run(*command: str) -> None:
-    proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL)
-    if await proc.wait() != 0:
-        raise RuntimeError(f"{' '.join(command)} failed")
-
-
-async def bounce_server(name: str, *, hard: bool) -> None:
-    """Take the machine's Postgres or RabbitMQ down for a moment and bring it back.
-
-    The local stack uses the machine's servers, so this is felt by everything using them.
-    ``hard`` stops Postgres in immediate mode (no checkpoint, like a crash).
+    A service's name means one of its instances, picked with ``seed`` (every one with
+    ``everyone``). ``pause`` with ``hold`` resumes after that many seconds; ``partition``
+    connects again after ``hold`` seconds.
     """
-    if name == "postgres":
-        cluster = ["15", "main"]
-        mode = ["-m", "immediate"] if hard else []
-        await _run("pg_ctlcluster", "--skip-systemctl-redirect", *cluster, "stop", *mode)
-        await asyncio.sleep(SERVER_OUTAGE)
-        await _run("pg_ctlcluster", "--skip-systemctl-redirect", *cluster, "start")
-    else:
-        await _run("rabbitmqctl", "-q", "stop_app")
-        await asyncio.sleep(SERVER_OUTAGE)
-        await _run("rabbitmqctl", "-q", "start_app")
-    say(f"{name} is back")
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    chosen = await target.resolve(name, everyone=everyone, rng=random.Random(seed))
+    if chosen != [name]:
+        # A service's name was a choice (relay-leader:<service> is not): say how to repeat it.
+        picked = " (all)" if everyone else f" (picked with --seed {seed})"
+        say(f"{name} is {', '.join(chosen)}" + picked * (":" not in name))
+    await asyncio.gather(*(_act_on(target, action, one, hold=hold) for one in chosen))
+    return chosen
 
 
-class LocalTarget(Target):
-    """The local stack: supervisord restarts a killed process by itself; ``postgres`` and
-    ``rabbitmq`` are the machine's servers (down for a few seconds, then started again)."""
-
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
-
-    async def _ctl(self, *args: str) -> None:
-        result = await asyncio.to_thread(ctl, self.stack, *args, check=False)
-        out = (result.stdout + result.stderr).strip()
-        if "ERROR" in out or result.returncode not in (0, 3):
-            raise RuntimeError(f"supervisorctl {' '.join(args)}: {out}")
-
-    async def kill(self, name: str) -> None:
-        if name in ("postgres", "rabbitmq"):
-            await bounce_server(name, hard=True)
-            return
-        await self._ctl("signal", "KILL", await self.resolve(name))
-
-    async def pause(self, name: str) -> None:
-        await self._ctl("signal", "STOP", await self.resolve(name))
-
-    async def resume(self, name: str) -> None:
-        await self._ctl("signal", "CONT", await self.resolve(name))
-
-    async def restart(self, name: str) -> None:
-        if name in ("postgres", "rabbitmq"):
-            await bounce_server(name, hard=False)
-            return
-        await self._ctl("restart", await self.resolve(name))
-
-    async def resolve(self, name: str) -> str:
-        """A program name; ``relay-leader:<service>`` is whoever relays that service's outbox."""
-        if not name.startswith("relay-leader:"):
-            return name
-        service = name.partition(":")[2]
-        async with EtcdClient(self.stack.etcd_url) as etcd:
-            leader = await etcd.leader(election_name(service))
-        if leader is None:
-            raise RuntimeError(f"nobody relays {service}'s outbox right now")
-        # The leader's value is its instance id, "<service>-<host>-<port>".
-        port = leader.value.decode().rsplit("-", 1)[-1]
-        for program, url in self.stack.instances.items():
-            if url.endswith(f":{port}"):
-                say(f"{name} is {program}")
-                return program
-        raise RuntimeError(f"{name}: no program listens on port {port}")
-
-    def names(self) -> list[str]:
-        extra = ["etcd"] if self.stack.private_etcd else []
-        return [*self.stack.instances, *extra]
-
-
-class ComposeTarget(Target):
-    """The docker compose stack (names are compose services, e.g. payment, postgres)."""
-
-    async def _compose(self, *args: str) -> None:
-        proc = await asyncio.create_subprocess_exec("docker", "compose", *args)
-        if await proc.wait() != 0:
-            raise RuntimeError(f"docker compose {' '.join(args)} failed")
-
-    async def kill(self, name: str) -> None:
-        await self._compose("kill", "-s", "SIGKILL", name)
-        # compose does not restart a killed container under `unless-stopped` until asked.
-        await self._compose("start", name)
-
-    async def pause(self, name: str) -> None:
-        await self._compose("pause", name)
-
-    async def resume(self, name: str) -> None:
-        await self._compose("unpause", name)
-
-    async def restart(self, name: str) -> None:
-        await self._compose("restart", name)
-
-    def names(self) -> list[str]:
-        out = subprocess.run(
-            ["docker", "compose", "config", "--services"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return out.stdout.split()
-
-
-async def act(target: Target, action: str, name: str, *, hold: float = 0.0) -> None:
-    """Do one action and print it; ``pause`` with ``hold`` resumes after that many seconds."""
-    say(f"{action} {name}")
+async def _act_on(target: Target, action: str, name: str, *, hold: float) -> None:
+    say(f"{action} {name}" + (f" for {hold:g} s" if hold and action == "partition" else ""))
     if action == "kill":
         await target.kill(name)
     elif action == "restart":
         await target.restart(name)
+    elif action == "partition":
+        await target.partition(name, hold=hold)
     elif action == "pause":
         await target.pause(name)
         if hold > 0:
             await asyncio.sleep(hold)
             say(f"resume {name}")
             await target.resume(name)
-    elif action == "resume":
-        await target.resume(name)
     else:
-        raise ValueError(f"unknown action {action!r}")
+        await target.resume(name)
 
 
 async def set_fault(base_url: str, token: str, spec: dict[str, float | int | None]) -> None:
@@ -209,9 +92,10 @@ async def set_fault(base_url: str, token: str, spec: dict[str, float | int | Non
 
 
 async def random_faults(target: Target, *, every: float, duration: float, seed: int) -> None:
-    """A seeded fault every ``every`` s for ``duration`` s: kills and short pauses."""
+    """A seeded fault every ``every`` s for ``duration`` s: kills and short pauses of the
+    services' instances (never the infrastructure)."""
     rng = random.Random(seed)
-    names = [n for n in target.names() if n != "etcd"]
+    names = [n for n in target.names() if split_name(n)[0] in stacks.APP_SERVICES]
     ends = time.monotonic() + duration
     while time.monotonic() + every <= ends:
         await asyncio.sleep(every)
@@ -246,29 +130,37 @@ def _after(
 SCENARIOS = {
     s.name: s
     for s in (
-        Scenario("kill-payment", "SIGKILL payment under load", _after(2.0, "kill", "payment-1")),
         Scenario(
-            "kill-order", "SIGKILL the order service mid-saga", _after(2.0, "kill", "order-1")
+            "kill-payment",
+            "kill payment-1 under load (started again, as its supervisor would)",
+            _after(2.0, "kill", "payment-1"),
         ),
+        Scenario("kill-order", "kill the order service mid-saga", _after(2.0, "kill", "order-1")),
         Scenario(
             "pause-inventory",
-            "SIGSTOP inventory longer than the client's attempt timeout, then SIGCONT",
+            "pause inventory longer than the client's attempt timeout, then resume it",
             _after(2.0, "pause", "inventory-1", hold=4.0),
         ),
-        Scenario("kill-etcd", "SIGKILL the registry (private etcd)", _after(2.0, "kill", "etcd")),
+        Scenario(
+            "kill-etcd",
+            "kill the registry's etcd (local: the private one; compose: its container)",
+            _after(2.0, "kill", "etcd"),
+        ),
         Scenario(
             "kill-relay-leader",
-            "SIGKILL the instance relaying inventory's outbox (scaled: another one takes over)",
+            "kill the instance relaying inventory's outbox (scaled: another one takes over)",
             _after(2.0, "kill", "relay-leader:inventory"),
         ),
         Scenario(
             "restart-rabbitmq",
-            "stop the machine's RabbitMQ for 3 s while events flow, then start it",
+            "restart RabbitMQ while events flow (local: the machine's, down 3 s;"
+            " compose: its container)",
             _after(2.0, "restart", "rabbitmq"),
         ),
         Scenario(
             "kill-postgres",
-            "stop the machine's PostgreSQL in immediate mode (a crash) for 3 s, then start it",
+            "crash PostgreSQL (local: the machine's, stopped in immediate mode for 3 s;"
+            " compose: its container killed and started)",
             _after(2.0, "kill", "postgres"),
         ),
         Scenario(
@@ -281,11 +173,12 @@ SCENARIOS = {
 }
 
 
-async def run_scenario(stack: Stack, scenario: Scenario, *, seed: int = 1) -> bool:
+async def run_scenario(
+    target: Target, stack: stacks.Endpoints, scenario: Scenario, *, seed: int = 1
+) -> bool:
     """Load + fault + heal + audit; prints the audit table; True if every invariant holds."""
-    target = LocalTarget(stack)
-    url = stack.instances["order-1"]
-    say(f"scenario {scenario.name}: {scenario.what}")
+    url = stack.order_url
+    say(f"scenario {scenario.name} on the {stack.kind} stack: {scenario.what}")
     say(f"load: {scenario.rate:g} orders/s for {scenario.duration:g} s (seed {seed})")
     started = time.monotonic()
     load, _ = await asyncio.gather(
@@ -295,7 +188,9 @@ async def run_scenario(stack: Stack, scenario: Scenario, *, seed: int = 1) -> bo
     say(f"load done: {load.summary().splitlines()[0]}; waiting for the platform to settle")
     final = await settle(url, load.order_ids, within=60)
     say("final statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(final.items())))
-    findings = await audit(stack_databases(stack), within=30)
+    # Found again: a container killed or restarted by the fault publishes new host ports.
+    stack = await asyncio.to_thread(stack.refresh)
+    findings = await audit(stack.databases, within=30)
     print(render(findings))
     ok = all(f.ok for f in findings)
     verdict = "PASSED" if ok else "FAILED"
@@ -303,24 +198,45 @@ async def run_scenario(stack: Stack, scenario: Scenario, *, seed: int = 1) -> bo
     return ok
 
 
-def _target(args: argparse.Namespace) -> Target:
-    if args.target == "compose":
-        return ComposeTarget()
-    stack = Stack.load(Path(args.run_dir))
-    if stack is None:
-        raise SystemExit(f"no local stack in {args.run_dir}: start one with `make dev`")
-    return LocalTarget(stack)
+def target_for(stack: stacks.Endpoints) -> Target:
+    """What chaos acts on in a found stack."""
+    if isinstance(stack, stacks.LocalEndpoints):
+        return LocalTarget(stack.stack)
+    assert isinstance(stack, stacks.ComposeEndpoints)
+    return ComposeTarget(stack.project)
+
+
+def _found(args: argparse.Namespace) -> tuple[Target, stacks.Endpoints]:
+    stack = stacks.find_or_exit(args.target, run_dir=args.run_dir)
+    return target_for(stack), stack
+
+
+def _seed(args: argparse.Namespace) -> int:
+    # A fresh seed unless one is given: printed with the pick, so a run can be repeated.
+    return args.seed if args.seed is not None else random.randrange(1_000_000)
 
 
 def _cmd_action(args: argparse.Namespace) -> int:
-    asyncio.run(act(_target(args), args.command, args.name, hold=getattr(args, "hold", 0.0)))
+    target, _ = _found(args)
+    run = act(target, args.command, args.name, hold=args.hold, everyone=args.all, seed=_seed(args))
+    try:
+        asyncio.run(run)
+    except (LookupError, RuntimeError) as exc:
+        raise SystemExit(str(exc)) from None
     return 0
 
 
 def _cmd_fault(args: argparse.Namespace) -> int:
-    stack = Stack.load(Path(args.run_dir))
-    if stack is None or args.name not in stack.instances:
-        raise SystemExit(f"{args.name}: not an instance of the local stack in {args.run_dir}")
+    target, stack = _found(args)
+    rng = random.Random(_seed(args))
+    try:
+        chosen = asyncio.run(target.resolve(args.name, everyone=args.all, rng=rng))
+    except (LookupError, RuntimeError) as exc:
+        raise SystemExit(str(exc)) from None
+    urls = stacks.or_exit(lambda: stack.instances)
+    missing = [name for name in chosen if name not in urls]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)}: not a running instance of a service here")
     spec: dict[str, float | int | None] = {}
     if not args.clear:
         spec = {
@@ -329,72 +245,109 @@ def _cmd_fault(args: argparse.Namespace) -> int:
             "hang": args.hang,
             "status": args.status,
         }
-    asyncio.run(set_fault(stack.instances[args.name], args.token, spec))
+    token = args.token or stacks.or_exit(lambda: stack.admin_token)
+    for name in chosen:
+        say(f"fault {name} ({urls[name]})")
+        try:
+            asyncio.run(set_fault(urls[name], token, spec))
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            refused = " (the admin token was refused)" * (status in (401, 403))
+            raise SystemExit(f"{name}: /admin/faults answered {status}{refused}") from None
+        except httpx.HTTPError as exc:
+            raise SystemExit(f"{name}: /admin/faults did not answer: {exc!r}") from None
     return 0
 
 
 def _cmd_random(args: argparse.Namespace) -> int:
-    asyncio.run(
-        random_faults(_target(args), every=args.every, duration=args.duration, seed=args.seed)
-    )
+    target, _ = _found(args)
+    asyncio.run(random_faults(target, every=args.every, duration=args.duration, seed=args.seed))
     return 0
 
 
 def _cmd_scenario(args: argparse.Namespace) -> int:
-    stack = Stack.load(Path(args.run_dir))
-    if stack is None:
-        raise SystemExit(f"no local stack in {args.run_dir}: start one with `make dev`")
+    target, stack = _found(args)
     names = list(SCENARIOS) if args.name == "all" else [args.name]
-    results = {n: asyncio.run(run_scenario(stack, SCENARIOS[n], seed=args.seed)) for n in names}
+    results = {}
+    for name in names:
+        stack = stack.refresh()
+        results[name] = asyncio.run(run_scenario(target, stack, SCENARIOS[name], seed=args.seed))
     for name, ok in results.items():
         print(f"{name:<18} {'passed' if ok else 'FAILED'}")
     return 0 if all(results.values()) else 1
+
+
+NAME_HELP = (
+    "an instance (payment-2: the local program, or compose's replica --index 2), a service"
+    " (payment: one of its instances at random), etcd, postgres, rabbitmq (compose: also"
+    " consul), or relay-leader:<service> (whoever relays that service's outbox now)"
+)
+
+
+def _add_choice_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("name", help=NAME_HELP)
+    cmd.add_argument(
+        "--all", action="store_true", help="every instance of a service named, not one"
+    )
+    cmd.add_argument(
+        "--seed", type=int, default=None, help="picks the instance of a service (default: fresh)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ordermesh-chaos`` command line."""
     parser = argparse.ArgumentParser(
         prog="ordermesh-chaos",
-        description="Kill, pause and restart parts of Ordermesh; run scenarios with an audit.",
+        description="Kill, pause, partition and restart parts of Ordermesh; run scenarios"
+        " with an audit. Acts on the running stack: the local one (make dev) if it runs, else"
+        " compose (make up); --target chooses.",
     )
-    parser.add_argument("--target", choices=["local", "compose"], default="local")
-    parser.add_argument("--run-dir", default=".run", help="the local stack's run dir")
+    stacks.add_target_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for action, text in (
-        ("kill", "SIGKILL a process / container (the supervisor restarts it)"),
+        ("kill", "SIGKILL a process / container; it is started again (supervisor / docker start)"),
         ("pause", "SIGSTOP a process / pause a container"),
         ("resume", "SIGCONT a process / unpause a container"),
         ("restart", "restart a process / container"),
+        ("partition", "disconnect a container from its compose network, then connect it again"),
     ):
         cmd = sub.add_parser(action, help=text)
-        cmd.add_argument(
-            "name",
-            help="e.g. payment-1, order-1, etcd, relay-leader:payment (compose: payment, postgres)",
-        )
-        if action == "pause":
+        _add_choice_arguments(cmd)
+        if action in ("pause", "partition"):
+            default, then = (0.0, "resume") if action == "pause" else (5.0, "connect again")
             cmd.add_argument(
                 "--for",
                 dest="hold",
                 type=float,
-                default=0.0,
-                help="resume after this many seconds (default: stay paused)",
+                default=default,
+                help=f"{then} after this many seconds (default: %(default)s"
+                + (", stay paused)" if action == "pause" else ")"),
             )
+        else:
+            cmd.set_defaults(hold=0.0)
         cmd.set_defaults(func=_cmd_action)
-    fault = sub.add_parser("fault", help="inject errors/latency into an instance (local stack)")
-    fault.add_argument("name", help="e.g. payment-1")
+    fault = sub.add_parser(
+        "fault", help="inject errors/latency into an instance through its /admin/faults"
+    )
+    _add_choice_arguments(fault)
     fault.add_argument("--error-rate", type=float, default=0.0, help="0..1 of requests fail")
     fault.add_argument("--latency-ms", type=int, default=0, help="added to every request")
     fault.add_argument("--hang", action="store_true", help="never answer")
     fault.add_argument("--status", type=int, default=None, help="answer this status instead")
     fault.add_argument("--clear", action="store_true", help="remove every fault")
-    fault.add_argument("--token", default="ordermesh-admin", help="ADMIN_TOKEN of the stack")
+    fault.add_argument(
+        "--token",
+        default=None,
+        help="X-Admin-Token (default: the stack's own: compose's ADMIN_TOKEN from its"
+        " containers or .env; local: the one `make dev` passed on, else the services' default)",
+    )
     fault.set_defaults(func=_cmd_fault)
-    rnd = sub.add_parser("random", help="seeded random kills and pauses")
+    rnd = sub.add_parser("random", help="seeded random kills and pauses of service instances")
     rnd.add_argument("--every", type=float, default=5.0, help="seconds between faults")
     rnd.add_argument("--for", dest="duration", type=float, default=60.0, help="seconds in all")
     rnd.add_argument("--seed", type=int, default=1)
     rnd.set_defaults(func=_cmd_random)
-    scen = sub.add_parser("scenario", help="load + fault + heal + audit (local stack)")
+    scen = sub.add_parser("scenario", help="load + fault + heal + audit")
     scen.add_argument(
         "name",
         choices=[*SCENARIOS, "all"],

@@ -1,6 +1,6 @@
 """``make events``: tail the live event stream, one readable line per event.
 
-    $ python -m ordermesh_deploy.events                    # everything
+    $ python -m ordermesh_deploy.events                    # everything, on the running stack
     $ python -m ordermesh_deploy.events 'payment.*' '*.shipment_created' --payload 0
     14:56:27.123  order.created               order/1b7f...c9  #17  {"customer_id":"alice",...}
     14:56:27.140  inventory.stock_reserved    reservation/1b7f...c9  #8  {"status":"held",...}
@@ -8,7 +8,9 @@
 It reads through a queue of its own (exclusive, deleted when it exits) bound to the events
 exchange, so it takes nothing away from the services' consumers. While it runs, every event is
 routable (this queue receives it): an event no service listens to is then confirmed rather than
-returned to the relay, so do not leave it running in place of a real consumer.
+returned to the relay, so do not leave it running in place of a real consumer. It finds the
+broker of whichever stack runs (compose: as the ``admin`` user, on the published AMQP port)
+unless ``--url`` (or ``$RABBITMQ_URL``, without ``--target``) says where.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from ordermesh_shared.messaging.envelope import BadEnvelope, Event, decode_event
 from ordermesh_shared.messaging.topology import EVENTS_EXCHANGE, Topology, declare_events_exchange
 
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+from ordermesh_deploy import local, stacks
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,9 +47,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--url",
-        default=os.environ.get("RABBITMQ_URL", DEFAULT_URL),
-        help="AMQP URL (default: $RABBITMQ_URL or %(default)s)",
+        default=None,
+        help="AMQP URL (default: the running stack's broker; $RABBITMQ_URL when set and no"
+        " --target is given)",
     )
+    stacks.add_target_arguments(parser)
     parser.add_argument(
         "--exchange", default=EVENTS_EXCHANGE, help="events exchange (default: %(default)s)"
     )
@@ -157,7 +161,7 @@ async def _main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, tail.done.set)
     print(
-        f"tailing {args.exchange} {' '.join(args.patterns)} at {args.url} (^C stops)",
+        f"tailing {args.exchange} {' '.join(args.patterns)} at {local.redact(args.url)} (^C stops)",
         file=sys.stderr,
     )
     await tail.run()
@@ -166,10 +170,16 @@ async def _main(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: ``python -m ordermesh_deploy.events``."""
     args = parse_args(argv)
+    if args.url is None and args.target is None:
+        args.url = os.environ.get("RABBITMQ_URL") or None
+    if args.url is None:
+        stack = stacks.find_or_exit(args.target, run_dir=args.run_dir)
+        args.url = stacks.or_exit(lambda: stack.amqp_url)
     try:
         asyncio.run(_main(args))
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
-        print(f"ordermesh-events: cannot reach RabbitMQ at {args.url}: {exc}", file=sys.stderr)
+        where = local.redact(args.url)
+        print(f"ordermesh-events: cannot reach RabbitMQ at {where}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -5,8 +5,9 @@ gets a queue, as it would from real users, instead of a politely slower client).
 of customers, products and destinations makes some orders fail on purpose (declines,
 unsupported destinations, scarce stock), so compensations run under load too.
 
-    ordermesh-load --rate 50 --duration 60          # the local stack on :8000
-    ordermesh-load --url http://localhost:8000 --rate 20 --duration 10 --seed 7
+    ordermesh-load --rate 50 --duration 60          # the running stack's order API
+    ordermesh-load --target compose --rate 20 --duration 10 --seed 7
+    ordermesh-load --url http://localhost:8000 --rate 20 --duration 10
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from ordermesh_deploy import stacks
 
 TERMINAL = ("completed", "cancelled", "compensation_failed")
 # (customer, weight): dave and carol run out of money, which exercises refunds.
@@ -153,13 +156,18 @@ def _show(result: LoadResult, elapsed: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``ordermesh-load``."""
     parser = argparse.ArgumentParser(prog="ordermesh-load", description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the order API")
+    parser.add_argument("--url", default=None, help="the order API (default: the running stack's)")
+    stacks.add_target_arguments(parser)
     parser.add_argument("--rate", type=float, default=20, help="orders per second (default 20)")
     parser.add_argument("--duration", type=float, default=30, help="seconds (default 30)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the order mix")
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0:
         parser.error("--rate and --duration must be positive")
+    if args.url is None:
+        stack = stacks.find_or_exit(args.target, run_dir=args.run_dir)
+        args.url = stacks.or_exit(lambda: stack.order_url)
+        print(f"load on the {stack.kind} stack's order API at {args.url}", file=sys.stderr)
     result = asyncio.run(
         run_load(args.url, rate=args.rate, duration=args.duration, seed=args.seed, progress=_show)
     )

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ordermesh_deploy.audit import audit, render, stack_databases
+from ordermesh_deploy.audit import audit, render
 from ordermesh_deploy.load import run_load, settle
+from ordermesh_deploy.stacks import local_databases
 
 from tests.support.stack import FAST_SETTINGS, RunningStack, start_stack, stop_stack
 
@@ -48,5 +49,5 @@ async def test_killing_order_and_payment_mid_saga_leaves_consistent_books(
     assert load.order_ids, load.summary()
     final = await settle(url, load.order_ids, within=60)
     assert set(final) <= {"completed", "cancelled"}, final
-    findings = await audit(stack_databases(chaos_stack.stack), within=30)
+    findings = await audit(local_databases(chaos_stack.stack), within=30)
     assert all(f.ok for f in findings), render(findings)

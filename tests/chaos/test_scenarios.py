@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 from ordermesh_deploy.chaos import SCENARIOS, Scenario, random_faults, run_scenario
+from ordermesh_deploy.stacks import LocalEndpoints
+from ordermesh_deploy.targets import LocalTarget
 
 from tests.support.stack import FAST_SETTINGS, RunningStack, start_stack, stop_stack
 
@@ -38,5 +40,6 @@ async def test_scenario_keeps_every_invariant(
             lambda t: random_faults(t, every=3.0, duration=20.0, seed=20261126),
             duration=20.0,
         )
-    ok = await run_scenario(scenario_stack.stack, scenario, seed=20261126)
+    stack = scenario_stack.stack
+    ok = await run_scenario(LocalTarget(stack), LocalEndpoints(stack), scenario, seed=20261126)
     assert ok, capsys.readouterr().out
