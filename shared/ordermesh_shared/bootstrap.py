@@ -27,9 +27,10 @@ from ordermesh_shared.broker import Broker
 from ordermesh_shared.config import DEFAULT_ADMIN_TOKEN, ServiceSettings, load_settings
 from ordermesh_shared.database import Database, MigrationSet, prepare_database
 from ordermesh_shared.discovery import Registry, RegistryError, ServiceInstance
-from ordermesh_shared.errors import install_error_handlers
+from ordermesh_shared.errors import SHARED_RESPONSES, install_error_handlers
 from ordermesh_shared.faults import FaultInjectionMiddleware, Faults, fault_router
 from ordermesh_shared.health import Health, health_router
+from ordermesh_shared.inputs import BodyLimitMiddleware, refuse_unstorable_input
 from ordermesh_shared.logging import configure_logging
 from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
 from ordermesh_shared.outbox.wiring import install_outbox
@@ -118,6 +119,9 @@ def create_service_app(
         description=spec.description,
         version=spec.version,
         lifespan=_lifespan(spec, settings, metrics, registry_factory),
+        # 431 for a long header, 422 for text Postgres cannot store, on every route.
+        dependencies=[Depends(refuse_unstorable_input)],
+        responses=SHARED_RESPONSES,
     )
     if spec.fault_injection:
         faults = Faults()
@@ -125,6 +129,7 @@ def create_service_app(
         app.include_router(fault_router(faults, admin_token=settings.admin_token))
     # Added after (so outside) the faults: an injected hang still ends at the caller's deadline.
     app.add_middleware(DeadlineMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     install_error_handlers(app)
     install_upstream_error_handlers(app)

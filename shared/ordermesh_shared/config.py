@@ -48,6 +48,12 @@ class ServiceSettings(BaseSettings):
     outbox_relay: Literal["elected", "standalone", "off"] = Field(
         "elected", description="Who relays the outbox: the etcd-elected instance, this one, none."
     )
+    max_body_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest request body in bytes; a larger one gets 413 before it is read.",
+    )
     admin_token: SecretStr = Field(
         SecretStr(DEFAULT_ADMIN_TOKEN), description="Token for admin endpoints (X-Admin-Token)."
     )

@@ -2,6 +2,8 @@
 
 Domain code raises :class:`NotFound` / :class:`Conflict` / :class:`Unavailable`; the handlers
 installed by :func:`install_error_handlers` turn them (and anything unexpected) into JSON.
+A database that is starting up, shutting down or unreachable (see :func:`database_outage`)
+answers 503 with ``Retry-After``; :data:`SHARED_RESPONSES` documents what any route may answer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,63 @@ from fastapi.responses import JSONResponse
 from ordermesh_shared.database import DatabaseNotReady
 
 log = structlog.get_logger(__name__)
+
+RETRY_AFTER_SECONDS = 1
+_DETAIL_SCHEMA = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}},
+    "required": ["detail"],
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "schema": {"type": "integer"},
+    }
+}
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+        "msg": {"type": "string"},
+        "type": {"type": "string"},
+    },
+    "required": ["loc", "msg", "type"],
+}
+_INVALID_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "detail": {"anyOf": [{"type": "string"}, {"type": "array", "items": _PROBLEM_SCHEMA}]},
+        "reason": {"type": "string"},
+    },
+    "required": ["detail"],
+}
+# Answers any route of any service may give (merged into every route's OpenAPI responses;
+# a route's own description of a status wins).
+SHARED_RESPONSES: dict[int | str, dict[str, object]] = {
+    413: {
+        "description": "The request body is larger than MAX_BODY_BYTES; it was not read.",
+        "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
+    },
+    422: {
+        "description": (
+            "Invalid input; `loc` names the field, parameter or header (text holding a NUL"
+            " character or an unpaired surrogate is refused everywhere)."
+        ),
+        "content": {"application/json": {"schema": _INVALID_SCHEMA}},
+    },
+    431: {
+        "description": "A request header is too long; `detail` names it.",
+        "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
+    },
+    503: {
+        "description": "A dependency (the database) is unavailable: retry after `Retry-After`.",
+        "headers": _RETRY_AFTER,
+        "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
+    },
+}
+# SQLSTATE classes of a server that is going away or full: connection exception, insufficient
+# resources, operator intervention (starting up, shutting down, terminated).
+_OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
 
 
 class ServiceError(Exception):
@@ -58,6 +117,17 @@ class Unavailable(ServiceError):
     status_code = 503
 
 
+def database_outage(exc: BaseException) -> bool:
+    """True when ``exc`` says the database is unreachable, starting up, shutting down or out of
+    connections (waiting may heal it), not that the statement was wrong."""
+    if isinstance(
+        exc, DatabaseNotReady | OSError | asyncpg.InterfaceError | asyncpg.InternalClientError
+    ):
+        return True  # OSError includes refused connections and pool/connect timeouts
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """JSON for domain errors, 503 for an unreachable database, 500 without internals."""
 
@@ -69,21 +139,30 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _db_not_ready(_req: Request, exc: DatabaseNotReady) -> JSONResponse:
         return _unavailable(f"database unavailable: {exc}")
 
-    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.PostgresError)
+    @app.exception_handler(asyncpg.InterfaceError)
+    @app.exception_handler(asyncpg.InternalClientError)
     @app.exception_handler(OSError)
-    async def _db_down(_req: Request, exc: Exception) -> JSONResponse:
-        log.warning("database.unavailable", error=str(exc))
+    async def _db_down(req: Request, exc: Exception) -> JSONResponse:
+        if not database_outage(exc):
+            return _internal_error(req, exc)
+        log.warning("database.unavailable", error_type=type(exc).__name__, error=str(exc))
         return _unavailable("database unavailable, try again shortly")
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
-        error_id = uuid.uuid4().hex[:12]
-        log.error("http.unhandled", error_id=error_id, path=req.url.path, exc_info=exc)
-        return JSONResponse(
-            {"detail": "internal error; the service log has the details", "error_id": error_id},
-            status_code=500,
-        )
+        return _internal_error(req, exc)
+
+
+def _internal_error(req: Request, exc: Exception) -> JSONResponse:
+    error_id = uuid.uuid4().hex[:12]
+    log.error("http.unhandled", error_id=error_id, path=req.url.path, exc_info=exc)
+    return JSONResponse(
+        {"detail": "internal error; the service log has the details", "error_id": error_id},
+        status_code=500,
+    )
 
 
 def _unavailable(detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    return JSONResponse({"detail": detail}, status_code=503, headers=headers)
