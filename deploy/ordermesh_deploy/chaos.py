@@ -53,12 +53,17 @@ async def act(
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
     chosen = await target.resolve(name, everyone=everyone, rng=random.Random(seed))
-    if chosen != [name]:
-        # A service's name was a choice (relay-leader:<service> is not): say how to repeat it.
-        picked = " (all)" if everyone else f" (picked with --seed {seed})"
-        say(f"{name} is {', '.join(chosen)}" + picked * (":" not in name))
+    _say_chosen(name, chosen, everyone=everyone, seed=seed)
     await asyncio.gather(*(_act_on(target, action, one, hold=hold) for one in chosen))
     return chosen
+
+
+def _say_chosen(name: str, chosen: list[str], *, everyone: bool, seed: int) -> None:
+    if chosen == [name]:
+        return
+    # A service's name was a choice (relay-leader:<service> is not): say how to repeat it.
+    picked = " (all)" if everyone else f" (picked with --seed {seed})"
+    say(f"{name} is {', '.join(chosen)}" + picked * (":" not in name))
 
 
 async def _act_on(target: Target, action: str, name: str, *, hold: float) -> None:
@@ -228,11 +233,12 @@ def _cmd_action(args: argparse.Namespace) -> int:
 
 def _cmd_fault(args: argparse.Namespace) -> int:
     target, stack = _found(args)
-    rng = random.Random(_seed(args))
+    seed = _seed(args)
     try:
-        chosen = asyncio.run(target.resolve(args.name, everyone=args.all, rng=rng))
+        chosen = asyncio.run(target.resolve(args.name, everyone=args.all, rng=random.Random(seed)))
     except (LookupError, RuntimeError) as exc:
         raise SystemExit(str(exc)) from None
+    _say_chosen(args.name, chosen, everyone=args.all, seed=seed)
     urls = stacks.or_exit(lambda: stack.instances)
     missing = [name for name in chosen if name not in urls]
     if missing:

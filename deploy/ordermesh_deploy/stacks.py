@@ -565,8 +565,9 @@ def up_arguments(stack: local.Stack) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     """``python -m ordermesh_deploy.stacks``: make status, make down, make reset."""
     parser = argparse.ArgumentParser(
-        prog="ordermesh-stack",
-        description="Status, stop and reset of whichever Ordermesh stack runs (local or compose).",
+        prog="python -m ordermesh_deploy.stacks",
+        description="make status, make down and make reset: on whichever Ordermesh stack runs"
+        " (local or compose).",
     )
     add_target_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -577,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="wipe the databases and event queues, start again with the demo data"
         " (--target resets a stopped stack too)",
     )
-    reset.add_argument("--timeout", type=float, default=300, help="seconds to wait for health")
+    reset.add_argument(
+        "--timeout", type=float, default=300, help="seconds to wait for health (default 300)"
+    )
     reset.set_defaults(func=cmd_reset)
     return parser
 
