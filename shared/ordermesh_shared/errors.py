@@ -8,12 +8,15 @@ answers 503 with ``Retry-After``; :data:`SHARED_RESPONSES` documents what any ro
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import asyncpg
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 
 from ordermesh_shared.database import DatabaseNotReady
 
@@ -135,6 +138,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> Response:
+        return _validation_failed(exc)
+
     @app.exception_handler(DatabaseNotReady)
     async def _db_not_ready(_req: Request, exc: DatabaseNotReady) -> JSONResponse:
         return _unavailable(f"database unavailable: {exc}")
@@ -152,6 +159,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
         return _internal_error(req, exc)
+
+
+def _validation_failed(exc: RequestValidationError) -> Response:
+    # FastAPI's own handler echoes each bad input as UTF-8: bytes that are not UTF-8 or a lone
+    # surrogate made the answer to a 422 a 500. Undecodable bytes are shown escaped, and
+    # ensure_ascii writes any surrogate as an escape.
+    detail = jsonable_encoder(exc.errors(), custom_encoder={bytes: _show_bytes})
+    body = json.dumps({"detail": detail}, separators=(",", ":"))
+    return Response(body, status_code=422, media_type="application/json")
+
+
+def _show_bytes(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _internal_error(req: Request, exc: Exception) -> JSONResponse:

@@ -164,6 +164,11 @@ async def test_payment_refuses_unstorable_text_naming_the_field(fresh_database: 
             headers={"Idempotency-Key": "k\x00-3"},
         )
         assert _loc(key) == ["header", "idempotency-key"]
+        # Not UTF-8 and not JSON: refused as such, the bad bytes shown escaped (was a 500).
+        headers = {"Content-Type": "text/plain", "Idempotency-Key": "k-5"}
+        garbage = await client.post("/payments", content=b"\xff\xfe", headers=headers)
+        assert garbage.status_code == 422
+        assert garbage.json()["detail"][0]["input"] == "\\xff\\xfe"
         # A surrogate pair is a real character: judged on its merits (no such customer).
         pair = {**charge, "order_id": str(uuid.uuid4()), "customer_id": "al\U0001f600"}
         emoji = await _post_json(client, "/payments", pair, key="k-4")
