@@ -1,7 +1,8 @@
 """Fixtures of the compose suite: images, secrets, the stack (pytest-docker), the auditor's DSNs.
 
-The stack starts once per test module (pyproject's `--container-scope=module`) and is torn
-down, volumes included, when the module is done: not left running under the rest of the suite. After the
+The stack starts once per test module (pyproject's `--container-scope=module`) and is
+torn down, volumes included, when the module is done: never left running under the rest
+of the suite. After the
 run a line gives the compose suite's own counts, so CI's output shows them apart.
 """
 
