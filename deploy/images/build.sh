@@ -22,10 +22,13 @@ UV_IMAGE=ordermesh/uv:${UV_VERSION}
 WHEELS=deploy/images/wheels
 SERVICES=(order inventory payment shipping)
 
+PIP_VERSION=25.1.1           # pip runs through uvx: whichever python3 is first on PATH may lack it
+
 started=$(date +%s)
 step() { printf '==> [%3ss] %s\n' "$(($(date +%s) - started))" "$*"; }
 die() { printf 'make images: %s\n' "$*" >&2; exit 1; }
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+pip_download() { uvx --quiet --from "pip==${PIP_VERSION}" pip download --quiet --disable-pip-version-check "$@"; }
 build() {  # build TAG DOCKERFILE CONTEXT [ARGS...]: quiet unless it fails
     local tag=$1 file=$2 context=$3 log
     shift 3
@@ -40,7 +43,7 @@ build() {  # build TAG DOCKERFILE CONTEXT [ARGS...]: quiet unless it fails
 
 check_tools() {
     docker info >/dev/null 2>&1 || die "no Docker engine answers (docker info fails): start it (e.g. service docker start)"
-    command -v uv >/dev/null 2>&1 || die "uv not found: python3 -m pip install uv==${UV_VERSION}"
+    command -v uv >/dev/null 2>&1 || die "uv not found: make deps (deploy/local/prereqs.sh uv) installs it"
 }
 
 base_image() {
@@ -76,7 +79,7 @@ uv_image() {
     step "uv $UV_IMAGE: from the PyPI wheel"
     local dir
     dir=$(mktemp -d)
-    python3 -m pip download --quiet --no-deps --only-binary=:all: "uv==${UV_VERSION}" -d "$dir"
+    pip_download --no-deps --only-binary=:all: "uv==${UV_VERSION}" -d "$dir"
     python3 -m zipfile -e "$dir"/uv-*.whl "$dir/unpacked"
     cp "$dir"/unpacked/uv-*.data/scripts/uv "$dir"/unpacked/uv-*.data/scripts/uvx "$dir/"
     chmod 0755 "$dir/uv" "$dir/uvx"
@@ -100,8 +103,8 @@ wheelhouse() {
         -o "$requirements"
     find "$WHEELS" -name '*.whl' -delete
     # Hashes from the lock: pip refuses any file that is not the locked one.
-    python3 -m pip download --quiet --no-deps --only-binary=:all: -r "$requirements" -d "$WHEELS"
-    python3 -m pip download --quiet --only-binary=:all: -d "$WHEELS" \
+    pip_download --no-deps --only-binary=:all: -r "$requirements" -d "$WHEELS"
+    pip_download --only-binary=:all: -d "$WHEELS" \
         "hatchling==${HATCHLING_VERSION}" "editables==${EDITABLES_VERSION}"
     rm -f "$requirements"
     printf '%s\n' "$want" >"$stamp"
