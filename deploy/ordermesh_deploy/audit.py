@@ -4,6 +4,8 @@ Waits (bounded) until no order is pending and no outbox row waits, then checks t
 failure semantics the platform promises, reading each service's own database (the read APIs
 show one record at a time; the invariants are about all of them together). Prints a table
 invariant -> ok / VIOLATED with counts and examples; exits non-zero on any violation.
+A parked order (``compensation_failed``) must hold no stock and no charge, and be parked only
+because a participant refused an undo, never for a fault the saga could have kept retrying.
 Reads whichever stack runs: the local one's databases, or compose's as the read-only
 ``ordermesh_audit`` role on PostgreSQL's published port.
 
@@ -25,6 +27,10 @@ import asyncpg
 from ordermesh_deploy import stacks
 
 TERMINAL = ("completed", "cancelled", "compensation_failed")
+# How the saga engine records an undo's failure (``Type: message``) when the participant
+# answered no (a 4xx): retrying with the same key gets the same answer. Any other error is a
+# fault that passes with time.
+REFUSALS = ("UpstreamRejected", "StepFailed")
 
 
 @dataclass
@@ -182,6 +188,56 @@ async def per_aggregate_order(db: Connections) -> Finding:
     return _finding("per-aggregate event order kept", bad, len(last))
 
 
+async def _parked(db: Connections) -> list[str]:
+    rows = await db["order"].fetch(
+        "SELECT id FROM orders WHERE status = 'compensation_failed' ORDER BY id"
+    )
+    return [str(r["id"]) for r in rows]
+
+
+async def parked_hold_no_stock(db: Connections) -> Finding:
+    """A parked order holds no stock: its reservation is released, or was never made."""
+    parked = await _parked(db)
+    reservations = await _by_order(db, "inventory", "SELECT order_id, status FROM reservations")
+    bad = [
+        f"{order_id} parked, reservation {reservations[order_id]['status']}"
+        for order_id in parked
+        if order_id in reservations and reservations[order_id]["status"] != "released"
+    ]
+    return _finding("parked orders hold no stock", bad, len(parked))
+
+
+async def parked_not_charged(db: Connections) -> Finding:
+    """A parked order's customer is not charged: the charge was refunded, or never made."""
+    parked = await _parked(db)
+    payments = await _by_order(db, "payment", "SELECT order_id, status, amount FROM payments")
+    bad = [
+        f"{order_id} parked, charged {payments[order_id]['amount']}, never refunded"
+        for order_id in parked
+        if order_id in payments and payments[order_id]["status"] == "charged"
+    ]
+    return _finding("parked orders charged nothing", bad, len(parked))
+
+
+async def parked_for_a_refusal(db: Connections) -> Finding:
+    """An order is parked only because a participant refused an undo (a 4xx answer); a fault
+    (unavailable, breaker open, deadline, timeout) passes with time, so the saga should have
+    kept retrying instead of parking the order."""
+    rows = await db["order"].fetch(
+        "SELECT o.id, s.step, s.last_error FROM orders o"
+        " LEFT JOIN saga_steps s ON s.saga_id = o.id AND s.direction = 'compensate'"
+        "   AND s.status = 'failed'"
+        " WHERE o.status = 'compensation_failed' ORDER BY o.id, s.position DESC"
+    )
+    bad = []
+    for r in rows:
+        if r["step"] is None:
+            bad.append(f"{r['id']} parked, yet no compensation failed")
+        elif not str(r["last_error"] or "").startswith(REFUSALS):
+            bad.append(f"{r['id']} parked on a fault: undo of {r['step']}: {r['last_error']}")
+    return _finding("parked only for a refusal, never a fault", bad, len({r["id"] for r in rows}))
+
+
 def _state(record: asyncpg.Record | None) -> str:
     return "none" if record is None else str(record["status"])
 
@@ -195,6 +251,9 @@ CHECKS: tuple[Callable[[Connections], Awaitable[Finding]], ...] = (
     outbox_drained,
     events_applied_once,
     per_aggregate_order,
+    parked_hold_no_stock,
+    parked_not_charged,
+    parked_for_a_refusal,
 )
 
 
