@@ -11,6 +11,8 @@ import pytest
 from ordermesh_shared.coordination import StaleToken, current_token, fence
 from ordermesh_shared.database import SHARED_MIGRATIONS, apply_migrations, load_migrations
 
+from tests.support.postgres import wait_for_lock_waiter
+
 pytestmark = pytest.mark.integration
 
 LEDGER = (
@@ -81,13 +83,15 @@ async def test_rolled_back_transaction_leaves_no_token_behind(pool: asyncpg.Pool
     assert await ledger(pool) == [("earlier-holder", 10)]
 
 
-async def test_second_writer_waits_until_first_commits_then_is_refused(pool: asyncpg.Pool) -> None:
+async def test_second_writer_waits_until_first_commits_then_is_refused(
+    pool: asyncpg.Pool, fresh_database: str
+) -> None:
     """The check holds until commit: a stale writer cannot pass it while a newer one writes."""
     async with pool.acquire() as conn, conn.transaction():
         await fence(conn, resource="ledger", token=9)
         stale = asyncio.create_task(fenced_write(pool, writer="stale", token=8))
-        await asyncio.sleep(0.3)
-        assert not stale.done()  # blocked on the resource's row
+        await wait_for_lock_waiter(fresh_database)  # blocked on the resource's row
+        assert not stale.done()
         await conn.execute("INSERT INTO ledger (writer, token) VALUES ('new', 9)")
 
     with pytest.raises(StaleToken):

@@ -19,6 +19,7 @@ from shipping.app import SPEC as SHIPPING
 from shipping.app import ShippingSettings
 
 from tests.support.apps import context_of, running, wait_ready
+from tests.support.postgres import wait_for_lock_waiter
 
 pytestmark = pytest.mark.integration
 
@@ -117,8 +118,8 @@ async def test_a_release_racing_an_uncommitted_reserve_waits_for_it(
         release = asyncio.create_task(
             inventory.post(f"/reservations/{order_id}/release", headers=key())
         )
-        await asyncio.sleep(0.3)
-        assert not release.done()  # blocked on the reservation row, not answered
+        await wait_for_lock_waiter(fresh_database)  # blocked on the reservation row
+        assert not release.done()
         await (reserving.commit() if reserve_commits else reserving.rollback())
         released = await release
     finally:

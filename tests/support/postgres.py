@@ -10,6 +10,7 @@ other's rows.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -47,6 +48,22 @@ async def drop_database(name: str) -> None:
     conn = await asyncpg.connect(admin_dsn())
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def wait_for_lock_waiter(dsn: str, within: float = 5.0) -> None:
+    """Until a session on ``dsn``'s database waits for a lock: proof that a statement is
+    blocked (a row lock, say), where a sleep could only show it had not finished yet."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with asyncio.timeout(within):
+            # Polling on purpose: the waiter is another session (pg_stat_activity tells).
+            while not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ):
+                await asyncio.sleep(0.01)
     finally:
         await conn.close()
 
