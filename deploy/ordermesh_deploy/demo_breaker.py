@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -35,7 +36,6 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 from ordermesh_shared.admin import ADMIN_TOKEN_HEADER
-from ordermesh_shared.config import DEFAULT_ADMIN_TOKEN
 from ordermesh_shared.discovery import ServiceInstance
 from ordermesh_shared.faults import (
     FaultInjectionMiddleware,
@@ -290,8 +290,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--instance", help="instance id to make flaky (default: the first)")
     parser.add_argument(
         "--admin-token",
-        default=os.environ.get("ADMIN_TOKEN", DEFAULT_ADMIN_TOKEN),
-        help="X-Admin-Token for /admin/faults (default: $ADMIN_TOKEN or the demo token)",
+        default=os.environ.get("ADMIN_TOKEN"),
+        help="X-Admin-Token for /admin/faults (default: $ADMIN_TOKEN, else the stack's own"
+        " with --stack, else a random one for the demo's own instances)",
     )
     parser.add_argument("--path", default="/customers", help="the read route to call")
     parser.add_argument("--failures", type=int, default=3, help="failures that open a breaker")
@@ -303,7 +304,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.instances < 1 or args.failures < 1 or args.attempts < 1 or args.reset <= 0:
         parser.error("--instances, --failures, --attempts must be >= 1 and --reset > 0")
+    if not args.admin_token:
+        args.admin_token = _stack_admin_token(args.run_dir) if args.stack else _demo_token()
     return args
+
+
+def _stack_admin_token(run_dir: Path) -> str:
+    from ordermesh_deploy import local, stacks
+
+    stack = local.Stack.load(run_dir)
+    if stack is None:
+        raise SystemExit(f"{run_dir / 'stack.json'} not found: start the local stack first")
+    return stacks.or_exit(lambda: stacks.LocalEndpoints(stack).admin_token)
+
+
+def _demo_token() -> str:
+    # The demo's own instances need some token, never a well-known one.
+    return secrets.token_urlsafe(16)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -33,7 +33,6 @@ from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote, urlsplit
 
 import asyncpg
-from ordermesh_shared.config import DEFAULT_ADMIN_TOKEN
 
 from ordermesh_deploy import compose, local
 
@@ -145,10 +144,12 @@ class LocalEndpoints:
 
     @property
     def admin_token(self) -> str:
-        # `up` hands ADMIN_TOKEN on to the services only when it was set: else their default.
+        # The token the services were started with (`up` generates one into secrets.env).
         conf = self.stack.conf.read_text() if self.stack.conf.exists() else ""
         match = re.search(r'ADMIN_TOKEN="([^"]*)"', conf)
-        return match.group(1) if match else DEFAULT_ADMIN_TOKEN
+        if match is None:
+            raise StackError(f"no ADMIN_TOKEN in {self.stack.conf}: restart the stack (make dev)")
+        return match.group(1)
 
     @property
     def instances(self) -> dict[str, str]:

@@ -23,8 +23,9 @@ import structlog
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 
+from ordermesh_shared.auth import ServiceTokens
 from ordermesh_shared.broker import Broker
-from ordermesh_shared.config import DEFAULT_ADMIN_TOKEN, ServiceSettings, load_settings
+from ordermesh_shared.config import ServiceSettings, load_settings
 from ordermesh_shared.database import Database, MigrationSet, prepare_database
 from ordermesh_shared.discovery import Registry, RegistryError, ServiceInstance
 from ordermesh_shared.errors import SHARED_RESPONSES, install_error_handlers
@@ -123,6 +124,8 @@ def create_service_app(
         dependencies=[Depends(refuse_unstorable_input)],
         responses=SHARED_RESPONSES,
     )
+    # Pure (a key and two caches): made with the app, so routes can check tokens from the start.
+    app.state.service_tokens = ServiceTokens(settings.service_token_secret, service=spec.name)
     if spec.fault_injection:
         faults = Faults()
         app.add_middleware(FaultInjectionMiddleware, faults=faults)
@@ -148,7 +151,9 @@ def _lifespan(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            ctx = await _open_context(stack, spec, settings, metrics, registry_factory)
+            ctx = await _open_context(
+                stack, spec, settings, metrics, registry_factory, app.state.service_tokens
+            )
             app.state.ctx = ctx
             app.include_router(health_router(ctx.health))
             ctx.tasks.start(
@@ -159,7 +164,7 @@ def _lifespan(
             if spec.setup is not None:
                 await stack.enter_async_context(spec.setup(ctx))
             ctx.tasks.supervise(lambda: keep_registered(ctx), name="presence")
-            _warn_on_demo_token(settings)
+            _warn_without_admin_token(settings)
             log.info("service.started", port=settings.port, registry=settings.registry)
             yield
             log.info("service.stopping")
@@ -173,6 +178,7 @@ async def _open_context(
     settings: ServiceSettings,
     metrics: Metrics,
     registry_factory: Callable[[ServiceSettings], Registry],
+    tokens: ServiceTokens,
 ) -> ServiceContext:
     # Exit order is the reverse: background tasks (and with them the registration) go first.
     db = await stack.enter_async_context(
@@ -185,7 +191,9 @@ async def _open_context(
     )
     # Reported, but no reason to stop serving: HTTP work goes on, the outbox holds the events.
     health.add_check("rabbitmq", broker.ping, critical=False)
-    clients = await stack.enter_async_context(ServiceClient(registry, metrics=metrics.registry))
+    clients = await stack.enter_async_context(
+        ServiceClient(registry, metrics=metrics.registry, tokens=tokens)
+    )
     tasks = await stack.enter_async_context(BackgroundTasks())
     # Every supervised loop in the details; one down past its grace makes the instance unready.
     health.add_check("background", tasks.check)
@@ -246,9 +254,9 @@ async def _withdraw(ctx: ServiceContext) -> None:
         log.warning("service.deregister_failed", error=str(exc))
 
 
-def _warn_on_demo_token(settings: ServiceSettings) -> None:
-    if settings.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
-        log.warning("admin.default_token", hint="set ADMIN_TOKEN outside a demo")
+def _warn_without_admin_token(settings: ServiceSettings) -> None:
+    if settings.admin_token is None or not settings.admin_token.get_secret_value():
+        log.warning("admin.disabled", hint="set ADMIN_TOKEN to use the admin endpoints")
 
 
 def run_service(factory: Callable[[Any], FastAPI], settings_cls: type[ServiceSettings]) -> None:

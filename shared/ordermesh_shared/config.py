@@ -17,7 +17,8 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-DEFAULT_ADMIN_TOKEN = "ordermesh-admin"
+# HS256 wants a key at least as long as its hash (RFC 7518 3.2): 32 bytes.
+MIN_SECRET_LENGTH = 32
 
 
 class ServiceSettings(BaseSettings):
@@ -54,8 +55,14 @@ class ServiceSettings(BaseSettings):
         le=64 * 1024 * 1024,
         description="Largest request body in bytes; a larger one gets 413 before it is read.",
     )
-    admin_token: SecretStr = Field(
-        SecretStr(DEFAULT_ADMIN_TOKEN), description="Token for admin endpoints (X-Admin-Token)."
+    # No defaults for secrets: a deployment generates its own (make dev / make up do).
+    service_token_secret: SecretStr = Field(
+        min_length=MIN_SECRET_LENGTH,
+        description="Key signing and checking the service tokens of internal calls (required).",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Token for admin endpoints (X-Admin-Token); unset: admin endpoints disabled.",
     )
 
     @model_validator(mode="after")
@@ -89,9 +96,15 @@ def describe_error(exc: ValidationError) -> str:
     for err in exc.errors():
         name = "_".join(str(p) for p in err["loc"]).upper() or "SETTINGS"
         value = err.get("input")
-        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        visible = isinstance(value, str | int | float) and not _is_secret(name)
+        shown = f"={value!r}" if visible else ""
         parts.append(f"{name}{shown}: {err['msg']}")
     return "; ".join(parts)
+
+
+def _is_secret(name: str) -> bool:
+    # A secret's value never goes to a log or a terminal, not even a wrong one.
+    return any(word in name for word in ("SECRET", "TOKEN", "PASSWORD"))
 
 
 def load_settings(cls: type[SettingsT]) -> SettingsT:

@@ -5,10 +5,10 @@ Every service mounts :func:`fault_router` (``/admin/faults``, guarded by ``X-Adm
 ``/health/*``, ``/metrics`` and ``/admin/*`` (so the instance stays registered, observable and
 healable). Faults belong to the instance that was told, and apply from its next request.
 
-    curl -X PUT localhost:8002/admin/faults -H 'X-Admin-Token: ordermesh-admin' \\
+    curl -X PUT localhost:8002/admin/faults -H "X-Admin-Token: $ADMIN_TOKEN" \\
          -H 'Content-Type: application/json' -d '{"error_rate": 0.5, "latency_ms": 200}'
-    curl localhost:8002/admin/faults -H 'X-Admin-Token: ordermesh-admin'        # current
-    curl -X DELETE localhost:8002/admin/faults -H 'X-Admin-Token: ordermesh-admin'  # heal
+    curl localhost:8002/admin/faults -H "X-Admin-Token: $ADMIN_TOKEN"        # current
+    curl -X DELETE localhost:8002/admin/faults -H "X-Admin-Token: $ADMIN_TOKEN"  # heal
 
 In order: ``hang`` holds the request until the faults change (or the caller's deadline
 cancels it); ``latency_ms`` delays it; ``status`` answers every request with that status;
@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ordermesh_shared.admin import ADMIN_TOKEN_HEADER, check_admin_token
+from ordermesh_shared.admin import ADMIN_RESPONSES, ADMIN_TOKEN_HEADER, check_admin_token
 
 EXEMPT_PREFIXES = ("/health/", "/metrics", "/admin/")
 
@@ -120,7 +120,7 @@ class FaultInjectionMiddleware:
         return spec.error_status if self.faults.draw_error() else None
 
 
-def fault_router(faults: Faults, *, admin_token: SecretStr) -> APIRouter:
+def fault_router(faults: Faults, *, admin_token: SecretStr | None) -> APIRouter:
     """``GET/PUT/DELETE /admin/faults``, each requiring the admin token."""
 
     def require_admin(
@@ -129,7 +129,10 @@ def fault_router(faults: Faults, *, admin_token: SecretStr) -> APIRouter:
         check_admin_token(token, admin_token)
 
     router = APIRouter(
-        prefix="/admin/faults", tags=["admin"], dependencies=[Depends(require_admin)]
+        prefix="/admin/faults",
+        tags=["admin"],
+        dependencies=[Depends(require_admin)],
+        responses=ADMIN_RESPONSES,
     )
 
     @router.get("", summary="Show this instance's injected faults.")

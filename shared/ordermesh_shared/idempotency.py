@@ -6,6 +6,10 @@ every later call with that key gets the stored answer without touching anything.
 calls with one key are serialised by a transaction-scoped advisory lock, and the key's primary
 key backs it up: exactly one call's effect commits, the others get its answer.
 
+Keys live in the namespace of the authenticated caller (:data:`IdempotencyKey` requires a
+service token): a key is stored as ``<caller>/<key>``, so no other caller can read the answer
+stored under a key, or occupy in advance the key a compensation will use.
+
 >>> @router.post("/payments")
 ... async def charge(body: ChargeRequest, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
 ...     return await run_once(
@@ -19,18 +23,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import Header
+from fastapi import Depends, Header
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from ordermesh_shared.auth import ServiceCaller
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.errors import ServiceError
 
-IdempotencyKey = Annotated[
+KeyHeader = Annotated[
     str,
     Header(
         alias="Idempotency-Key",
@@ -40,6 +46,28 @@ IdempotencyKey = Annotated[
         examples=["6f1c2a7e-3b0d-4a59-9a43-0c8f6c9a1d2e:reserve"],
     ),
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class CallerKey:
+    """An ``Idempotency-Key`` as sent, in the namespace of the service that sent it."""
+
+    caller: str
+    key: str
+
+    @property
+    def stored(self) -> str:
+        """The key as stored: ``<caller>/<key>`` (service names hold no ``/``)."""
+        return f"{self.caller}/{self.key}"
+
+
+async def caller_key(caller: ServiceCaller, key: KeyHeader) -> CallerKey:
+    """FastAPI dependency: the authenticated caller (401/403 first) and its key."""
+    return CallerKey(caller, key)
+
+
+# A state-changing participant endpoint takes this: it is authenticated by the same token.
+IdempotencyKey = Annotated[CallerKey, Depends(caller_key)]
 
 Effect = Callable[[DbConn], Awaitable[tuple[int, Any]]]
 
@@ -57,9 +85,10 @@ def request_hash(body: BaseModel, *, path: str) -> str:
 
 
 async def run_once(
-    pool: asyncpg.Pool, key: str, *, fingerprint: str, effect: Effect
+    pool: asyncpg.Pool, key: CallerKey, *, fingerprint: str, effect: Effect
 ) -> JSONResponse:
-    """Run ``effect`` once per key; a business rejection (ServiceError) is stored like a success."""
+    """Run ``effect`` once per caller and key; a business rejection (ServiceError) is stored
+    like a success."""
     async with pool.acquire() as conn:
         try:
             return await _first_call(conn, key, fingerprint, effect)
@@ -69,7 +98,7 @@ async def run_once(
             async with conn.transaction():
                 stored = await _lock_and_load(conn, key, fingerprint)
             if stored is None:  # stored and committed by the other call: cannot be gone
-                missing = f"idempotency key {key!r} conflicted but holds no answer"
+                missing = f"idempotency key {key.stored!r} conflicted but holds no answer"
                 raise RuntimeError(missing) from None
             return stored
 
@@ -78,7 +107,9 @@ class _AnsweredMeanwhile(Exception):
     """The key's answer was stored by a concurrent call while this one ran."""
 
 
-async def _first_call(conn: DbConn, key: str, fingerprint: str, effect: Effect) -> JSONResponse:
+async def _first_call(
+    conn: DbConn, key: CallerKey, fingerprint: str, effect: Effect
+) -> JSONResponse:
     try:
         async with conn.transaction():
             stored = await _lock_and_load(conn, key, fingerprint)
@@ -101,7 +132,7 @@ async def _first_call(conn: DbConn, key: str, fingerprint: str, effect: Effect) 
     return JSONResponse(body, status_code=status, headers={"Idempotent-Replay": "false"})
 
 
-async def _lock_and_load(conn: DbConn, key: str, fingerprint: str) -> JSONResponse | None:
+async def _lock_and_load(conn: DbConn, key: CallerKey, fingerprint: str) -> JSONResponse | None:
     # The advisory lock serialises concurrent calls with this key until the first one
     # commits, so the second one's effect sees the first one's. Taking it in the same
     # statement as the read saves a round trip, but the read then uses the snapshot from
@@ -110,21 +141,21 @@ async def _lock_and_load(conn: DbConn, key: str, fingerprint: str) -> JSONRespon
         "SELECT k.request_hash, k.status_code, k.response"
         " FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) AS locked"
         " LEFT JOIN idempotency_keys k ON k.key = $1",
-        key,
+        key.stored,
     )
     if row is None or row["request_hash"] is None:
         return None
     if row["request_hash"] != fingerprint:
-        raise KeyReused(f"Idempotency-Key {key!r} was already used with a different request")
+        raise KeyReused(f"Idempotency-Key {key.key!r} was already used with a different request")
     body = json.loads(row["response"])
     return JSONResponse(body, status_code=row["status_code"], headers={"Idempotent-Replay": "true"})
 
 
-async def _remember(conn: DbConn, key: str, fingerprint: str, status: int, body: Any) -> None:
+async def _remember(conn: DbConn, key: CallerKey, fingerprint: str, status: int, body: Any) -> None:
     stored = await conn.fetchval(
         "INSERT INTO idempotency_keys (key, request_hash, status_code, response)"
         " VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING true",
-        key,
+        key.stored,
         fingerprint,
         status,
         json.dumps(body),

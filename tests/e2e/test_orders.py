@@ -42,7 +42,9 @@ async def product(http: httpx.AsyncClient, stack: RunningStack, sku: str) -> dic
 
 
 async def balance(http: httpx.AsyncClient, stack: RunningStack, customer: str) -> str:
-    return str((await http.get(f"{stack.url('payment')}/customers/{customer}")).json()["balance"])
+    admin = {"X-Admin-Token": stack.admin_token}  # balances are private
+    answer = await http.get(f"{stack.url('payment')}/customers/{customer}", headers=admin)
+    return str(answer.json()["balance"])
 
 
 def steps(order: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -320,9 +322,31 @@ async def test_retry_endpoint_needs_the_admin_token(
     url = f"{e2e_stack.url('order')}/orders/{order['id']}/retry"
     assert (await http.post(url)).status_code == 401
     assert (await http.post(url, headers={"X-Admin-Token": "guess"})).status_code == 403
-    not_parked = await http.post(url, headers={"X-Admin-Token": "ordermesh-admin"})
+    assert (await http.post(url, headers={"X-Admin-Token": "ordermesh-admin"})).status_code == 403
+    admin = {"X-Admin-Token": e2e_stack.admin_token}
+    not_parked = await http.post(url, headers=admin)
     assert not_parked.status_code == 409
     unknown = f"{e2e_stack.url('order')}/orders/{uuid.uuid4()}/retry"
-    assert (
-        await http.post(unknown, headers={"X-Admin-Token": "ordermesh-admin"})
-    ).status_code == 404
+    assert (await http.post(unknown, headers=admin)).status_code == 404
+
+
+async def test_nobody_outside_the_platform_changes_state_through_an_internal_endpoint(
+    http: httpx.AsyncClient, e2e_stack: RunningStack
+) -> None:
+    order = await placed(
+        http,
+        e2e_stack,
+        {"customer_id": "alice", "items": [{"sku": "KB-101", "quantity": 1}], "destination": "DE"},
+    )
+    assert order["status"] == "completed"  # the saga's own calls carry service tokens
+    payment, inventory = e2e_stack.url("payment"), e2e_stack.url("inventory")
+    key = {"Idempotency-Key": f"{order['id']}:charge_payment:undo"}
+    refund = await http.post(f"{payment}/payments/{order['id']}/refund", headers=key)
+    assert refund.status_code == 401
+    grab = {"order_id": str(uuid.uuid4()), "items": [{"sku": "KB-101", "quantity": 5}]}
+    reserve = await http.post(f"{inventory}/reservations", json=grab, headers=key)
+    assert reserve.status_code == 401
+    assert (await http.get(f"{payment}/payments/{order['id']}")).json()["status"] == "charged"
+    customers = (await http.get(f"{payment}/customers")).json()
+    assert customers
+    assert all("balance" not in customer for customer in customers)

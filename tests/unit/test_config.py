@@ -43,3 +43,25 @@ def test_bad_setting_exits_with_one_line_naming_it(name: str, value: str) -> Non
     assert len(lines) == 1
     assert lines[0].startswith("ordermesh-inventory: invalid settings:")
     assert f"{name}={value!r}" in lines[0]
+
+
+@pytest.mark.parametrize("value", [None, "too-short"])
+def test_a_missing_or_short_service_token_secret_stops_the_service_without_showing_it(
+    value: str | None,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SERVICE_TOKEN_SECRET"}
+    if value is not None:
+        env["SERVICE_TOKEN_SECRET"] = value
+    result = subprocess.run(
+        [sys.executable, "-m", "payment"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("ordermesh-payment: invalid settings: SERVICE_TOKEN_SECRET")
+    assert "too-short" not in lines[0]
+
+
+def test_no_admin_token_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ADMIN_TOKEN", raising=False)
+    assert OrderSettings().admin_token is None

@@ -193,11 +193,14 @@ def local_stack(run_dir: Path, **changes: Any) -> Stack:
     return Stack(**(fields | changes))
 
 
-def test_the_local_stack_gives_its_databases_broker_and_default_token(tmp_path: Path) -> None:
+def test_the_local_stack_gives_its_databases_broker_and_never_a_default_token(
+    tmp_path: Path,
+) -> None:
     stack = LocalEndpoints(local_stack(tmp_path, db_prefix="om", rabbitmq_vhost="om"))
     assert stack.databases["payment"] == "postgresql://ordermesh:pw@127.0.0.1:5432/om_payment"
     assert stack.amqp_url == "amqp://guest:guest@127.0.0.1:5672/om"
-    assert stack.admin_token == "ordermesh-admin"
+    with pytest.raises(StackError, match="no ADMIN_TOKEN"):
+        _ = stack.admin_token
 
 
 def test_the_local_admin_token_is_the_one_make_dev_passed_on(tmp_path: Path) -> None:

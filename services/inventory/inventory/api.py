@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
+from ordermesh_shared.auth import SERVICE_AUTH_RESPONSES
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.errors import NotFound
 from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
@@ -18,7 +20,8 @@ from inventory.domain import Reservation, ReserveRequest
 router = APIRouter()
 
 Sku = Path(max_length=64, examples=["KB-101"], description="Product SKU.")
-COMMAND_ERRORS: dict[int | str, dict[str, str]] = {
+COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
+    **SERVICE_AUTH_RESPONSES,
     409: {"description": "Refused by the reservation's state (e.g. released before reserve)."},
     422: {"description": "Invalid request, unknown SKU or insufficient stock (`reason` says)."},
 }

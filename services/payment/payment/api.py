@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+import asyncpg
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
+from ordermesh_shared.admin import IsAdmin
+from ordermesh_shared.auth import SERVICE_AUTH_RESPONSES, MaybeServiceCaller
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.errors import NotFound
 from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
@@ -21,31 +25,55 @@ CustomerId = Path(max_length=64, examples=["alice"], description="Customer id.")
 
 
 class Customer(BaseModel):
-    """A customer account."""
+    """A customer account; the balance only for the platform's services and admins."""
 
     id: str = Field(examples=["alice"])
     name: str = Field(examples=["Alice Martin"])
-    balance: Decimal = Field(examples=["100000.00"], description="What the customer can spend.")
+    balance: Decimal | None = Field(
+        None,
+        examples=["100000.00"],
+        description=(
+            "What the customer can spend; shown only with a service token or X-Admin-Token."
+        ),
+    )
 
 
-@router.get("/customers", summary="List every customer account.")
-async def list_customers(ctx: Ctx) -> list[Customer]:
+async def sees_balances(caller: MaybeServiceCaller, admin: IsAdmin) -> bool:
+    """FastAPI dependency: balances are private (anonymous callers see ids and names only)."""
+    return caller is not None or admin
+
+
+SeesBalances = Annotated[bool, Depends(sees_balances)]
+
+
+def _customer(row: asyncpg.Record, *, with_balance: bool) -> Customer:
+    customer = Customer(**dict(row))
+    return customer if with_balance else customer.model_copy(update={"balance": None})
+
+
+@router.get(
+    "/customers",
+    summary="List every customer account (balances only for services and admins).",
+    response_model_exclude_none=True,
+)
+async def list_customers(ctx: Ctx, private: SeesBalances) -> list[Customer]:
     async with ctx.db.pool.acquire() as conn:
         rows = await store.list_customers(conn)
-    return [Customer(**dict(r)) for r in rows]
+    return [_customer(r, with_balance=private) for r in rows]
 
 
 @router.get(
     "/customers/{customer_id}",
-    summary="Show one customer account.",
+    summary="Show one customer account (its balance only for services and admins).",
     responses={404: {"description": "No customer has this id."}},
+    response_model_exclude_none=True,
 )
-async def get_customer(ctx: Ctx, customer_id: str = CustomerId) -> Customer:
+async def get_customer(ctx: Ctx, private: SeesBalances, customer_id: str = CustomerId) -> Customer:
     async with ctx.db.pool.acquire() as conn:
         row = await store.get_customer(conn, customer_id)
     if row is None:
         raise NotFound(f"no customer with id {customer_id!r}")
-    return Customer(**dict(row))
+    return _customer(row, with_balance=private)
 
 
 @router.post(
@@ -55,6 +83,7 @@ async def get_customer(ctx: Ctx, customer_id: str = CustomerId) -> Customer:
     status_code=201,
     response_model=Payment,
     responses={
+        **SERVICE_AUTH_RESPONSES,
         409: {"description": "The order's payment was refunded or voided: a late charge."},
         422: {"description": "Invalid request, unknown customer or insufficient funds."},
     },
@@ -75,6 +104,7 @@ async def charge(
     tags=["payments"],
     summary="Refund an order's charge (compensation); idempotent by key.",
     response_model=Payment,
+    responses=SERVICE_AUTH_RESPONSES,
 )
 async def refund(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
     return await run_once(

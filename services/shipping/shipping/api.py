@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from ordermesh_shared.auth import SERVICE_AUTH_RESPONSES
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.errors import NotFound
 from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
@@ -39,6 +40,7 @@ async def list_destinations(ctx: Ctx) -> list[Destination]:
     status_code=201,
     response_model=Shipment,
     responses={
+        **SERVICE_AUTH_RESPONSES,
         409: {"description": "The order's shipment was cancelled: a late create."},
         422: {"description": "Invalid request or unsupported destination."},
     },
@@ -58,6 +60,7 @@ async def create(
     "/shipments/by-order/{order_id}/cancel",
     summary="Cancel the shipment of an order (compensation); idempotent by key.",
     response_model=Shipment,
+    responses=SERVICE_AUTH_RESPONSES,
 )
 async def cancel(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
     return await run_once(

@@ -6,6 +6,10 @@ sends through that instance's breaker with a per-attempt timeout inside the call
 and retries what is safe to retry, elsewhere when possible, within the target's retry budget.
 Failures surface as :mod:`ordermesh_shared.resilience.errors`, never as engine exceptions.
 
+With ``tokens`` (see :class:`ordermesh_shared.auth.ServiceTokens`) every call carries this
+service's token for the target (``Authorization: Bearer``), signed once and reused until
+shortly before it expires; callers never build that header themselves.
+
 Statuses: 2xx and 3xx come back as :class:`UpstreamResponse`; a 4xx raises
 :class:`UpstreamRejected` unless listed in ``accept`` (e.g. ``accept=(404,)`` for a lookup
 where "not found" is an answer); a 5xx raises :class:`UpstreamUnavailable` once the retries
@@ -60,11 +64,18 @@ from ordermesh_shared.resilience.retry import (
 log = structlog.get_logger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+AUTHORIZATION_HEADER = "Authorization"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 BreakerChange = Callable[[str, str, str, str], None]
 """``(target, instance_id, old_state, new_state)``."""
+
+
+class TokenSource(Protocol):
+    """What the client needs to authenticate: a bearer token for a target service."""
+
+    def for_audience(self, audience: str) -> str: ...
 
 
 class InstanceSource(Protocol):
@@ -125,7 +136,8 @@ class ServiceClient:
     ``metrics`` is the Prometheus registry to add the client's metrics to (a private one if
     None); ``engine`` replaces the default aiohttp engine (see
     :mod:`ordermesh_shared.resilience.engine`); ``on_breaker_change(target, instance, old,
-    new)`` is told of every breaker state change (they are also logged and exported).
+    new)`` is told of every breaker state change (they are also logged and exported);
+    ``tokens`` signs the service token sent with every call (none sent without it).
     """
 
     def __init__(
@@ -136,9 +148,11 @@ class ServiceClient:
         policy: ClientPolicy | None = None,
         engine: Engine | None = None,
         on_breaker_change: BreakerChange | None = None,
+        tokens: TokenSource | None = None,
     ) -> None:
         self.policy = policy or ClientPolicy()
         self._on_breaker_change = on_breaker_change
+        self._tokens = tokens
         self._registry = registry
         self._metrics = ClientMetrics(metrics or CollectorRegistry(auto_describe=True))
         self._engine: Engine = engine or AiohttpEngine(pool_size=self.policy.pool_size)
@@ -167,6 +181,7 @@ class ServiceClient:
                 policy=self.policy,
                 metrics=self._metrics.for_target(name),
                 on_breaker_change=self._on_breaker_change,
+                tokens=self._tokens,
             )
             self._targets[name] = target
         return target
@@ -195,9 +210,11 @@ class TargetService:
         policy: ClientPolicy,
         metrics: TargetMetrics,
         on_breaker_change: BreakerChange | None = None,
+        tokens: TokenSource | None = None,
     ) -> None:
         self.name = name
         self._on_breaker_change = on_breaker_change
+        self._tokens = tokens
         self._registry = registry
         self._engine = engine
         self._policy = policy
@@ -360,6 +377,9 @@ class TargetService:
             raise call.failed(self._deadline_error(call), retryable=False)
         endpoint = self._pick(call)
         headers = {**call.headers, DEADLINE_HEADER: header_value(seconds)}
+        if self._tokens is not None:
+            # Per attempt (the token is cached): a late retry never carries an expired one.
+            headers[AUTHORIZATION_HEADER] = f"Bearer {self._tokens.for_audience(self.name)}"
         endpoint.outstanding += 1
         try:
             with endpoint.breaker.guard():
