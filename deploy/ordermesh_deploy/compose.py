@@ -222,19 +222,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     offline = not registry_reachable()
     env = ensure_env(offline=offline)
     write_definitions(env)
-    started = time.monotonic()
     if offline:
         print("no container registry answers: building every image here (make images)")
         subprocess.run(["bash", str(BUILD_SCRIPT)], cwd=ROOT, check=True)
-        compose("up", "-d", "--no-build", *scale)
-    else:
-        compose("up", "-d", "--build", *scale)
+    started = time.monotonic()
+    compose("up", "-d", "--no-build" if offline else "--build", *scale)
     states = wait_healthy(args.timeout)
     unhealthy = sorted(n for n, s in states.items() if s not in ("healthy", "running"))
     if unhealthy or not states:
         print(f"NOT HEALTHY: {', '.join(unhealthy) or 'no containers'} (docker logs <name>)")
         return 1
-    print(f"every container is healthy ({time.monotonic() - started:.0f} s):")
+    print(f"every container is healthy ({time.monotonic() - started:.0f} s after `up`):")
     print(compose("ps", capture=True).stdout, end="")
     print("order API: http://localhost:8000  (try: curl -s localhost:8000/health/ready)")
     print("RabbitMQ UI: http://127.0.0.1:15672 (admin; password RABBITMQ_ADMIN_PASSWORD in .env)")
