@@ -39,6 +39,10 @@ _SUSPECT_BODY = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\xed[\xa0-\xbf]")
 _MESSAGE = "must not contain NUL characters or unpaired surrogates (Postgres cannot store them)"
 
 
+# Up to this declared size an oversized body is read off the wire and dropped (see below).
+DRAIN_BYTES = 4 * 1024 * 1024
+
+
 class BodyTooLarge(HTTPException):
     """The request body is larger than the service accepts (413).
 
@@ -48,7 +52,7 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         detail = f"request body larger than {limit} bytes"
-        # Connection: close: the unread rest of the body must not be taken for the next request.
+        # Connection: close: the rest of a body whose end nobody knows is never read.
         super().__init__(status_code=413, detail=detail, headers={"Connection": "close"})
 
 
@@ -63,8 +67,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if _declared_length(scope) > self.max_bytes:
-            await _send_too_large(send, self.max_bytes)
+        declared = _declared_length(scope)
+        if declared > self.max_bytes:
+            await _send_too_large(send, self.max_bytes, close=declared > DRAIN_BYTES)
             return
         received = 0
         started = False
@@ -98,13 +103,15 @@ def _declared_length(scope: Scope) -> int:
         return 0  # the server refuses a malformed Content-Length before we see it
 
 
-async def _send_too_large(send: Send, limit: int) -> None:
+async def _send_too_large(send: Send, limit: int, *, close: bool = True) -> None:
     body = orjson.dumps({"detail": BodyTooLarge(limit).detail})
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", b"%d" % len(body)),
-        (b"connection", b"close"),  # as in BodyTooLarge
-    ]
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    # Closing with the body's rest unread makes the kernel reset the connection, and a client
+    # still sending then gets a reset instead of this answer. For a declared length up to
+    # DRAIN_BYTES the connection stays open and the server reads the rest and discards it
+    # (no parsing, no buffering); past that, or for a body of unknown length, it closes.
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
