@@ -216,9 +216,29 @@ def _scale_flags(values: list[str]) -> list[str]:
     return flags
 
 
+def leftover_volumes() -> list[str]:
+    """This project's data volumes that exist already (from an earlier stack)."""
+    result = subprocess.run(
+        ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return sorted(result.stdout.split())
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Secrets, images when offline, then up and wait."""
     scale = _scale_flags(args.scale)
+    volumes = [] if ENV_FILE.exists() else leftover_volumes()
+    if volumes:
+        # New passwords would not open a database initialised with the old ones.
+        print(
+            f"data volumes of an earlier stack exist ({', '.join(volumes)}) but .env, which holds"
+            f" their passwords, does not: restore .env, or delete them with"
+            f" `docker volume rm {' '.join(volumes)}` (their data is lost)"
+        )
+        return 1
     offline = not registry_reachable()
     env = ensure_env(offline=offline)
     write_definitions(env)
