@@ -11,7 +11,8 @@ healable). Faults belong to the instance that was told, and apply from its next 
     curl -X DELETE localhost:8002/admin/faults -H "X-Admin-Token: $ADMIN_TOKEN"  # heal
 
 In order: ``hang`` holds the request until the faults change (or the caller's deadline
-cancels it); ``latency_ms`` delays it; ``status`` answers every request with that status;
+cancels it); ``latency_ms`` delays it; ``status`` answers every request with that status
+(4xx/5xx only: a faked success would claim work never done, such as a refund);
 ``error_rate`` answers that fraction of requests with ``error_status``. ``seed`` makes the
 error draws repeatable.
 """
@@ -42,7 +43,10 @@ class FaultSpec(BaseModel):
     latency_ms: int = Field(0, ge=0, le=60_000, description="Delay added to every request.")
     hang: bool = Field(False, description="Hold requests until the faults change.")
     status: int | None = Field(
-        None, ge=200, le=599, description="Answer every request with this status."
+        None,
+        ge=400,
+        le=599,
+        description="Answer every request with this error status (4xx/5xx only).",
     )
     seed: int | None = Field(None, description="Seed for the error draws (repeatable runs).")
 

@@ -122,3 +122,15 @@ async def test_a_hang_holds_requests_until_the_faults_change(http: httpx.AsyncCl
 async def test_nonsense_faults_are_refused(http: httpx.AsyncClient, spec: dict[str, Any]) -> None:
     answer = await http.put("/admin/faults", json=spec, headers=ADMIN)
     assert answer.status_code == 422
+
+
+@pytest.mark.parametrize("status", [200, 204, 302, 399, 600])
+async def test_an_injected_status_is_an_error_never_a_fake_success(
+    http: httpx.AsyncClient, status: int
+) -> None:
+    """A forced 200 on a refund would fake money back; only 4xx/5xx can be injected."""
+    answer = await http.put("/admin/faults", json={"status": status}, headers=ADMIN)
+    assert answer.status_code == 422
+    assert ["body", "status"] in [error["loc"] for error in answer.json()["detail"]]
+    assert (await http.get("/admin/faults", headers=ADMIN)).json()["status"] is None
+    assert (await http.get("/customers")).status_code == 200
