@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from order.app import OrderSettings, order_spec
+from order.app_state import order_runtime
 from ordermesh_shared.discovery import ServiceInstance
 
 from tests.support.apps import running, wait_ready
@@ -107,3 +108,45 @@ async def test_a_300ms_request_deadline_does_not_bound_the_saga(
     steps = {(s["step"], s["direction"]): s for s in order["steps"]}
     assert steps[("charge_payment", "forward")]["attempts"] == 1
     assert participants.calls.count("POST /payments") == 1
+
+
+async def test_a_replay_answers_at_once_and_leaves_nothing_behind(
+    fresh_database: str, rabbit_vhost: str
+) -> None:
+    """A replayed Idempotency-Key of an order that ended answers at once, not after the full
+    ORDER_WAIT (30 s here), and no per-order wait state outlives the requests."""
+    registry = InMemoryRegistry()
+    settings = OrderSettings(
+        database_url=fresh_database,
+        rabbitmq_url=rabbit_vhost,
+        port=18151,
+        outbox_relay="off",
+        order_wait=30.0,
+    )
+    body = {
+        "customer_id": "alice",
+        "items": [{"sku": "KB-101", "quantity": 1}],
+        "destination": "DE",
+    }
+    key = {"Idempotency-Key": f"replay-{uuid.uuid4()}"}
+    async with (
+        Participants().serving(registry),
+        running(order_spec(settings), settings, registry) as client,
+    ):
+        await wait_ready(client)
+        async with asyncio.timeout(10):
+            placed = await client.post("/orders", json=body, headers=key)
+        assert placed.status_code == 201, placed.text
+        for _ in range(3):
+            async with asyncio.timeout(3):  # far under ORDER_WAIT
+                replayed = await client.post("/orders", json=body, headers=key)
+            assert replayed.status_code == 200, replayed.text
+            assert replayed.json()["id"] == placed.json()["id"]
+        order_id = uuid.UUID(placed.json()["id"])
+        engine = order_runtime(client.app_context).engine  # type: ignore[attr-defined]
+        held = [
+            name
+            for name, value in vars(engine).items()
+            if isinstance(value, dict | set) and order_id in value
+        ]
+        assert held == [], f"the engine still keeps {order_id} in {held}"

@@ -15,7 +15,7 @@ sagas whose owner died and re-sends the in-doubt step with the same idempotency 
 ...     async with pool.acquire() as conn, conn.transaction():
 ...         await engine.create(conn, PLACE_ORDER, saga_id, order_input)   # with the order row
 ...     engine.launch(saga_id)                                              # after commit
-...     await engine.wait(saga_id, timeout=2.0)                             # True if it ended
+...     await engine.wait(saga_id, timeout=2.0)            # False if still running here
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ class SagaEngine:
         self.policy = policy or SagaPolicy()
         self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._compensations: set[asyncio.Task[None]] = set()
-        self._finished: dict[uuid.UUID, asyncio.Event] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._own_tasks = tasks is None
         self._tasks = tasks or BackgroundTasks()
@@ -138,7 +137,6 @@ class SagaEngine:
         """
         if saga_id in self._running:
             return
-        self._finished.setdefault(saga_id, asyncio.Event())
         # Not the launching request's deadline (create_task would copy it): the saga's own.
         task = asyncio.create_task(
             self._run(saga_id, created), name=f"saga-{saga_id}", context=without_deadline()
@@ -147,14 +145,17 @@ class SagaEngine:
         task.add_done_callback(lambda t: self._done(saga_id, t))
 
     async def wait(self, saga_id: uuid.UUID, timeout: float) -> bool:  # noqa: ASYNC109
-        """Wait up to ``timeout`` s for the saga to end here; True if it did."""
-        event = self._finished.setdefault(saga_id, asyncio.Event())
-        try:
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        except TimeoutError:
-            return False
-        return True
+        """Wait up to ``timeout`` s for the saga to end here; False if it still runs here.
+
+        A saga that does not run in this process (it ended, or runs elsewhere: a replayed
+        request) is not waited for at all. Nothing is kept per waiter: it waits on the saga's
+        task itself, which it never cancels.
+        """
+        task = self._running.get(saga_id)
+        if task is None:
+            return True
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        return bool(done)
 
     async def reopen(self, conn: DbConn, saga_id: uuid.UUID) -> bool:
         """Resume compensating a parked saga (in the caller's transaction; launch after)."""
@@ -179,9 +180,6 @@ class SagaEngine:
                 await self._shielded_compensation(definition, saga)
         except LostOwnership:
             log.warning("saga.taken_over", saga_id=str(saga_id))
-        finally:
-            self._finished.setdefault(saga_id, asyncio.Event()).set()
-            self._finished.pop(saga_id, None)
 
     async def _load(self, saga_id: uuid.UUID) -> SagaRow | None:
         async with self._pool.acquire() as conn:
