@@ -22,6 +22,7 @@ from ordermesh_shared.saga import (
     StepCall,
     StepFailed,
 )
+from ordermesh_shared.saga import store as saga_store
 
 pytestmark = pytest.mark.integration
 
@@ -235,6 +236,25 @@ async def test_restarted_instance_takes_back_its_sagas_without_waiting(pool: asy
         async with asyncio.timeout(3):
             while (await saga_status(pool, saga_id))[0] != "completed":
                 await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("claimer", "other"),
+    [("order_1", "order-1"), ("%", "payment-1"), ("a\\_b", "a\\xb"), ("c\\%", "c\\zz")],
+)
+async def test_a_restarted_instance_takes_back_only_its_own_sagas(
+    pool: asyncpg.Pool, claimer: str, other: str
+) -> None:
+    """The instance id is matched literally: ``_``, ``%`` and ``\\`` in it are no wildcards
+    that would take over another live instance's sagas."""
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    async with pool.acquire() as conn, conn.transaction():
+        await saga_store.insert_saga(conn, mine, "trip", {}, owner=f"{claimer}/old", ttl=60)
+        await saga_store.insert_saga(conn, theirs, "trip", {}, owner=f"{other}/live", ttl=60)
+        claimed = await saga_store.claim_orphans(conn, f"{claimer}/new", instance=claimer, ttl=60)
+    assert claimed == [mine]
+    owners = dict(await pool.fetch("SELECT id, owner FROM sagas"))
+    assert owners == {mine: f"{claimer}/new", theirs: f"{other}/live"}
 
 
 async def test_a_saga_whose_task_died_is_resumed_by_its_own_process(pool: asyncpg.Pool) -> None:

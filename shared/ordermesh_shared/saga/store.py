@@ -280,11 +280,14 @@ async def claim_orphans(
     conn: DbConn, owner: str, *, instance: str, ttl: float, limit: int = 50
 ) -> list[uuid.UUID]:
     """Take over unfinished sagas whose owner's lease lapsed, or whose owner was an earlier
-    run of this very instance (it restarted, so it is dead: no need to wait for the lease)."""
+    run of this very instance (it restarted, so it is dead: no need to wait for the lease).
+
+    The instance id is compared literally (``starts_with``, not ``LIKE``): an id holding
+    ``_``, ``%`` or ``\\`` must not match, and so take over, another live instance's sagas."""
     rows = await conn.fetch(
         "UPDATE sagas SET owner = $1, lease_until = now() + make_interval(secs => $3)"
         " WHERE id IN (SELECT id FROM sagas WHERE status IN ('running', 'compensating')"
-        "   AND (lease_until < now() OR (owner LIKE $2 || '/%' AND owner <> $1))"
+        "   AND (lease_until < now() OR (starts_with(owner, $2 || '/') AND owner <> $1))"
         "   ORDER BY created_at LIMIT $4 FOR UPDATE SKIP LOCKED)"
         " RETURNING id",
         owner,
