@@ -42,7 +42,21 @@ def place(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 async def assert_audit_clean(dsns: dict[str, str]) -> None:
     findings = await audit(dsns, within=90)
-    assert all(f.ok for f in findings), "\n" + render(findings)
+    assert all(f.ok for f in findings), "\n" + render(findings) + await parked_orders(dsns)
+
+
+async def parked_orders(dsns: dict[str, str]) -> str:
+    """Each parked order's reason and step log: what a failed audit needs to be read."""
+    conn = await asyncpg.connect(dsns["order"], timeout=5)
+    try:
+        rows = await conn.fetch(
+            "SELECT o.id, o.failure_reason, s.step, s.direction, s.status, s.attempts,"
+            " s.last_error FROM orders o LEFT JOIN saga_steps s ON s.saga_id = o.id"
+            " WHERE o.status = 'compensation_failed' ORDER BY o.id, s.started_at"
+        )
+    finally:
+        await conn.close()
+    return "".join(f"\n{dict(row)}" for row in rows)
 
 
 async def under_load(url: str, fault: Any, *, duration: float = 16, rate: float = 8) -> LoadResult:

@@ -36,7 +36,7 @@ async def create_database(name: str) -> str:
     """Create ``name`` (dropping a leftover of the same name) and return its DSN."""
     conn = await asyncpg.connect(admin_dsn())
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await _drop_forcing(conn, name)
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
@@ -47,9 +47,22 @@ async def drop_database(name: str) -> None:
     """Drop ``name``, disconnecting whoever still uses it."""
     conn = await asyncpg.connect(admin_dsn())
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await _drop_forcing(conn, name)
     finally:
         await conn.close()
+
+
+async def _drop_forcing(conn: asyncpg.Connection, name: str) -> None:
+    # The tests' role is not a superuser, and FORCE may not end an autovacuum worker that
+    # happens to be visiting the database: it is done within moments, so try again.
+    for _ in range(50):
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except asyncpg.InsufficientPrivilegeError:
+            await asyncio.sleep(0.2)
+        else:
+            return
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def wait_for_lock_waiter(dsn: str, within: float = 5.0) -> None:
