@@ -178,12 +178,28 @@ async def test_a_step_that_keeps_timing_out_is_compensated_too(pool: asyncpg.Poo
     assert reason.startswith("hotel failed: TimeoutError")
 
 
-async def test_compensation_that_keeps_failing_parks_and_can_be_reopened(
+async def test_an_undo_that_keeps_failing_on_faults_is_retried_until_it_goes_through(
+    pool: asyncpg.Pool,
+) -> None:
+    # More faults than compensation_attempts: an outage must not park the saga holding
+    # what the undo gives back.
+    world = World()
+    world.failures["car"] = [StepFailed("no_cars", "none")]
+    world.failures["undo-flight"] = [ConnectionError("down")] * (FAST.compensation_attempts + 3)
+    definition = world.definition()
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=10)
+    assert await saga_status(pool, saga_id) == ("cancelled", "no_cars: none")
+    assert world.calls.count("undo-flight") == FAST.compensation_attempts + 4
+
+
+async def test_an_undo_refused_again_and_again_parks_and_can_be_reopened(
     pool: asyncpg.Pool,
 ) -> None:
     world = World()
     world.failures["car"] = [StepFailed("no_cars", "none")]
-    world.failures["undo-flight"] = [ConnectionError("down")] * 3
+    world.failures["undo-flight"] = [StepFailed("refused", "not now")] * 3
     definition = world.definition()
     async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
         saga_id = await start(engine, pool, definition)

@@ -92,7 +92,9 @@ class SagaPolicy:
 
     forward_deadline: float = 10.0  # seconds from the saga's start to keep retrying faults
     retry_backoff_max: float = 1.0
-    compensation_attempts: int = 8  # then the saga is parked as compensation_failed
+    # Refusals of an undo before the saga is parked as compensation_failed (faults are
+    # retried until the undo goes through).
+    compensation_attempts: int = 8
     compensation_backoff_max: float = 5.0
     lease_ttl: float = 5.0  # a crashed owner's sagas are taken over after this
     shutdown_grace: float = 5.0  # how long shutdown lets running compensations finish

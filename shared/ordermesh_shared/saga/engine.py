@@ -305,15 +305,21 @@ class SagaEngine:
             position=position,
         )
         call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}:undo", value, data)
-        for attempt in range(1, self.policy.compensation_attempts + 1):
+        # A fault (participant down, timeout, open breaker) is retried until the undo goes
+        # through: parking on one would leave stock held or money kept for an outage that
+        # heals. Only a participant's refusal, repeated, parks the saga for an operator.
+        attempt = refusals = 0
+        while refusals < self.policy.compensation_attempts:
+            attempt += 1
             try:  # a fresh budget per attempt, whatever time the forward path used up
                 with own_deadline(step.timeout):
                     async with asyncio.timeout(step.timeout):
                         await step.compensation(call)
             except Exception as exc:
                 await self._attempt(saga_id, step.name, "compensate", _describe(exc))
+                refusals += isinstance(exc, StepFailed)
                 cap = self.policy.compensation_backoff_max
-                await asyncio.sleep(random.uniform(0, min(cap, 0.1 * 2**attempt)))
+                await asyncio.sleep(random.uniform(0, min(cap, 0.1 * 2 ** min(attempt, 10))))
                 continue
             await self._succeeded(saga_id, step.name, "compensate", {})
             return True
