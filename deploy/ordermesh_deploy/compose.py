@@ -5,7 +5,7 @@ when they are absent, decides whether a container registry can be reached, build
 from Debian's packages when it cannot (``deploy/images/build.sh``, adding
 ``deploy/compose/offline.yml``), starts the stack and waits until every container is healthy,
 showing progress. ``down`` stops it, ``reset`` wipes its data (the demo data is seeded again on
-the next start), ``status`` lists the containers.
+the next start), ``status`` lists the containers, ``logs`` follows their logs.
 
 The same functions tell the other tools (chaos, audit, load, events) how to run compose
 commands: ``compose_command()`` picks ``docker compose`` (v2) or ``docker-compose`` (v1),
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -142,8 +143,12 @@ def registry_reachable(timeout: float = 4.0) -> bool:
     return True
 
 
+@functools.cache
 def compose_command() -> list[str]:
-    """``docker compose`` when the v2 plugin is there, else ``docker-compose`` (v1)."""
+    """``docker compose`` when the v2 plugin is there, else ``docker-compose`` (v1).
+
+    Asked once per process: every compose command goes through here.
+    """
     v2 = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
     if v2.returncode == 0:
         return ["docker", "compose"]

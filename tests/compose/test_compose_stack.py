@@ -24,20 +24,10 @@ from ordermesh_deploy.audit import TERMINAL, audit, render
 from ordermesh_deploy.load import LoadResult, run_load
 
 from tests.support.compose import PROJECT, compose, docker, healthy, host_port, wait_for
+from tests.support.orders import place
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 SEED = 14
-
-
-def place(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(f"{url}/orders", json=body, timeout=30)
-    assert response.status_code in (201, 202), response.text
-    order: dict[str, Any] = response.json()
-    deadline = time.monotonic() + 60
-    while order["status"] == "pending" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        order = httpx.get(f"{url}/orders/{order['id']}", timeout=10).json()
-    return order
 
 
 async def assert_audit_clean(dsns: dict[str, str]) -> None:

@@ -13,13 +13,13 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
 
 import httpx
 import pytest
 from ordermesh_deploy import compose as stack
 
 from tests.support.compose import FILES, PROJECT, compose, healthy, host_port, wait_for
+from tests.support.orders import place
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
@@ -54,17 +54,6 @@ def started_at() -> dict[str, str]:
         check=True,
     ).stdout
     return dict(line.split() for line in out.splitlines())
-
-
-def place(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(f"{url}/orders", json=body, timeout=30)
-    assert response.status_code in (201, 202), response.text
-    order: dict[str, Any] = response.json()
-    deadline = time.monotonic() + 60
-    while order["status"] == "pending" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        order = httpx.get(f"{url}/orders/{order['id']}", timeout=10).json()
-    return order
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 
+from tests.support.orders import place
 from tests.support.stack import FAST_SETTINGS, RunningStack, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
@@ -54,17 +54,6 @@ def payment_pids(running: RunningStack) -> dict[str, str]:
     lines = running.local("status").stdout.splitlines()
     parts = [line.split() for line in lines if line.startswith("payment-")]
     return {p[0]: p[3].rstrip(",") for p in parts if p[1] == "RUNNING"}
-
-
-def place(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(f"{url}/orders", json=body, timeout=30)
-    assert response.status_code in (201, 202), response.text
-    order: dict[str, Any] = response.json()
-    deadline = time.monotonic() + 30
-    while order["status"] == "pending" and time.monotonic() < deadline:
-        time.sleep(0.2)
-        order = httpx.get(f"{url}/orders/{order['id']}", timeout=10).json()
-    return order
 
 
 def keyboards_available(running: RunningStack) -> int:
@@ -123,9 +112,14 @@ def test_reset_brings_back_the_demo_data_the_readme_examples_need(
     url = tools_stack.url("order")
     # All keyboards but one sold (as after enough load): the README's order for two is refused.
     left = keyboards_available(tools_stack)
-    sold = place(url, {**README_ORDER, "items": [{"sku": "KB-101", "quantity": left - 1}]})
+    sold = place(
+        url,
+        {**README_ORDER, "items": [{"sku": "KB-101", "quantity": left - 1}]},
+        within=30,
+        pause=0.2,
+    )
     assert sold["status"] == "completed", sold
-    refused = place(url, README_ORDER)
+    refused = place(url, README_ORDER, within=30, pause=0.2)
     assert refused["status"] == "cancelled", refused
     assert refused["failure_reason"].startswith("out_of_stock")
 
@@ -134,7 +128,7 @@ def test_reset_brings_back_the_demo_data_the_readme_examples_need(
     assert "every service is ready" in result.stdout
 
     assert httpx.get(f"{url}/orders", timeout=10).json()["orders"] == []
-    order = place(url, README_ORDER)
+    order = place(url, README_ORDER, within=30, pause=0.2)
     assert order["status"] == "completed", order
     assert order["total"] == "178.00"
     assert keyboards_available(tools_stack) == 500 - 2
