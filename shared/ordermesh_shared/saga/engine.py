@@ -83,6 +83,12 @@ class SagaEngine:
         self._tasks = tasks or BackgroundTasks()
 
     @property
+    def in_flight(self) -> int:
+        """Sagas running in this process now (forward or compensating): what load shedding
+        bounds."""
+        return len(self._running) + len(self._compensations)
+
+    @property
     def _pool(self) -> asyncpg.Pool:
         return self._source.pool if isinstance(self._source, Database) else self._source
 
