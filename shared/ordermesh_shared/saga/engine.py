@@ -84,9 +84,9 @@ class SagaEngine:
 
     @property
     def in_flight(self) -> int:
-        """Sagas running in this process now (forward or compensating): what load shedding
-        bounds."""
-        return len(self._running) + len(self._compensations)
+        """Sagas running in this process now, forward or compensating (a compensation runs
+        inside its saga's task): what load shedding bounds."""
+        return len(self._running)
 
     @property
     def _pool(self) -> asyncpg.Pool:
