@@ -377,3 +377,91 @@ async def test_loops_fed_interface_errors_live_on_and_resume_a_stranded_saga(
                 await asyncio.sleep(0.05)
         assert not any(loop.done() for loop in engine._loops)
     assert world.calls == ["flight", "hotel", "car"]
+
+
+def _with_pivot(world: World, *, pivot: str = "hotel") -> SagaDefinition[Trip]:
+    """flight -> hotel (the pivot) -> car, which comes after it and so has no undo."""
+    car = replace(world.step("car"), compensation=None)
+    return SagaDefinition(
+        "trip",
+        steps=(world.step("flight"), world.step("hotel"), car),
+        encode=asdict,
+        decode=Trip.from_json,
+        on_finish=world.definition().on_finish,
+        pivot=pivot,
+    )
+
+
+async def test_a_step_after_the_pivot_is_retried_past_the_deadline_until_it_succeeds(
+    pool: asyncpg.Pool,
+) -> None:
+    """Answers lost for longer than the forward deadline: before the pivot that compensates,
+    after it the saga keeps going forward and completes; nothing is undone."""
+    world = World()
+    world.hang.add("car")
+    definition = _with_pivot(world)
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        await asyncio.sleep(FAST.forward_deadline * 1.5)
+        world.hang.clear()  # the participant answers again
+        assert await engine.wait(saga_id, timeout=10)
+    assert await saga_status(pool, saga_id) == ("completed", None)
+    assert not [call for call in world.calls if call.startswith("undo-")]
+    log = await pool.fetchrow(
+        "SELECT status, attempts, last_error FROM saga_steps WHERE saga_id = $1 AND step = 'car'",
+        saga_id,
+    )
+    assert log["status"] == "succeeded"
+    assert log["attempts"] >= 3  # each lost answer shows in the step log
+    assert "TimeoutError" in log["last_error"]
+
+
+async def test_a_refusal_after_the_pivot_is_retried_not_compensated(pool: asyncpg.Pool) -> None:
+    world = World()
+    world.failures["car"] = [StepFailed("not_yet", "try again")] * 3
+    definition = _with_pivot(world)
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=10)
+    assert await saga_status(pool, saga_id) == ("completed", None)
+    assert world.calls == ["flight", "hotel", "car", "car", "car", "car"]
+
+
+async def test_the_pivot_itself_still_compensates_when_refused(pool: asyncpg.Pool) -> None:
+    world = World()
+    world.failures["hotel"] = [StepFailed("full", "no rooms")]
+    definition = _with_pivot(world)
+    async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
+        saga_id = await start(engine, pool, definition)
+        assert await engine.wait(saga_id, timeout=5)
+    assert await saga_status(pool, saga_id) == ("cancelled", "full: no rooms")
+    assert world.calls == ["flight", "hotel", "undo-flight"]
+
+
+def test_a_step_after_the_pivot_may_not_have_a_compensation() -> None:
+    world = World()
+    with pytest.raises(ValueError, match="never compensated"):
+        replace(world.definition(), pivot="hotel")
+    with pytest.raises(ValueError, match="not one of"):
+        replace(world.definition(), pivot="boat")
+
+
+async def test_step_log_writes_of_a_process_that_lost_the_saga_change_nothing(
+    pool: asyncpg.Pool,
+) -> None:
+    saga_id = uuid.uuid4()
+    async with pool.acquire() as conn:
+        await saga_store.insert_saga(conn, saga_id, "trip", {}, owner="a/1", ttl=60)
+        await saga_store.step_started(
+            conn, saga_id, "a/1", step="flight", direction="forward", position=0
+        )
+        with pytest.raises(saga_store.LostOwnership):
+            await saga_store.attempt_made(
+                conn, saga_id, "b/1", step="flight", direction="forward", error="late"
+            )
+        with pytest.raises(saga_store.LostOwnership):
+            await saga_store.step_finished(
+                conn, saga_id, "b/1", step="flight", direction="forward", status="failed"
+            )
+    row = await pool.fetchrow("SELECT status, attempts, last_error FROM saga_steps")
+    assert dict(row) == {"status": "started", "attempts": 0, "last_error": None}

@@ -33,10 +33,13 @@ class Participants:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.commit_lost_until = 0.0  # loop time until which commits happen, answers lost
 
     async def handle(self, request: web.Request) -> web.Response:
         path = request.path
         self.calls.append(f"{request.method} {path}")
+        if path.endswith("/commit") and asyncio.get_running_loop().time() < self.commit_lost_until:
+            await asyncio.sleep(2)  # longer than an attempt may take: its answer is lost
         if path == "/payments":
             await asyncio.sleep(PAYMENT_TAKES)
             return web.json_response({"id": str(uuid.uuid4())}, status=201)
@@ -150,3 +153,42 @@ async def test_a_replay_answers_at_once_and_leaves_nothing_behind(
             if isinstance(value, dict | set) and order_id in value
         ]
         assert held == [], f"the engine still keeps {order_id} in {held}"
+
+
+async def test_a_commit_whose_answers_are_lost_past_the_deadline_still_completes(
+    fresh_database: str, rabbit_vhost: str
+) -> None:
+    """commit_stock comes after the pivot (the shipment): answers lost for longer than the
+    saga's forward deadline are retried until one arrives; nothing is refunded or released."""
+    registry = InMemoryRegistry()
+    participants = Participants()
+    settings = OrderSettings(
+        database_url=fresh_database,
+        rabbitmq_url=rabbit_vhost,
+        port=18152,
+        outbox_relay="off",
+        order_wait=0.5,
+        saga_deadline=1.0,
+        saga_step_timeout=0.6,
+    )
+    participants.commit_lost_until = asyncio.get_running_loop().time() + 3.5
+    async with (
+        participants.serving(registry),
+        running(order_spec(settings), settings, registry) as client,
+    ):
+        await wait_ready(client)
+        placed = await client.post(
+            "/orders",
+            json={
+                "customer_id": "alice",
+                "items": [{"sku": "KB-101", "quantity": 1}],
+                "destination": "DE",
+            },
+        )
+        assert placed.status_code == 202, placed.text
+        order = await wait_terminal(client, placed.headers["Location"])
+    assert order["status"] == "completed", order
+    commit = next(s for s in order["steps"] if s["step"] == "commit_stock")
+    assert commit["attempts"] >= 3, commit
+    undone = [c for c in participants.calls if c.endswith(("/refund", "/release", "/cancel"))]
+    assert undone == []

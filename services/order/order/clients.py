@@ -1,8 +1,9 @@
 """Typed calls to inventory, payment and shipping for the place-order saga.
 
 A participant's 4xx answer is a business "no" and becomes :class:`StepFailed` with the
-participant's ``reason``; every other failure (unavailable, breaker open, deadline) is left
-to the saga engine, which retries it with the same idempotency key.
+participant's ``reason`` (for a compensation too: a refused undo, repeated, parks the saga
+for an operator); every other failure (unavailable, breaker open, deadline) is left to the
+saga engine, which retries it with the same idempotency key.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ class OrderClients:
 
     async def release_stock(self, order_id: uuid.UUID, *, key: str) -> None:
         """Give the order's units back (compensation)."""
-        await self._clients.inventory.post(f"/reservations/{order_id}/release", idempotency_key=key)
+        async with business_errors("release_stock"):
+            await self._clients.inventory.post(
+                f"/reservations/{order_id}/release", idempotency_key=key
+            )
 
     async def commit_stock(self, order_id: uuid.UUID, *, key: str) -> None:
         """Mark the order's units sold."""
@@ -70,7 +74,8 @@ class OrderClients:
 
     async def refund(self, order_id: uuid.UUID, *, key: str) -> None:
         """Refund the order's charge (compensation)."""
-        await self._clients.payment.post(f"/payments/{order_id}/refund", idempotency_key=key)
+        async with business_errors("refund"):
+            await self._clients.payment.post(f"/payments/{order_id}/refund", idempotency_key=key)
 
     async def ship(self, order_id: uuid.UUID, destination: str, *, key: str) -> dict[str, Any]:
         """Create the shipment; returns its id."""
@@ -81,6 +86,7 @@ class OrderClients:
 
     async def cancel_shipment(self, order_id: uuid.UUID, *, key: str) -> None:
         """Cancel the order's shipment (compensation)."""
-        await self._clients.shipping.post(
-            f"/shipments/by-order/{order_id}/cancel", idempotency_key=key
-        )
+        async with business_errors("cancel_shipment"):
+            await self._clients.shipping.post(
+                f"/shipments/by-order/{order_id}/cancel", idempotency_key=key
+            )

@@ -2,6 +2,13 @@
 
 Compensations run in reverse: cancel the shipment, refund the charge, release the stock.
 Each call carries the idempotency key ``<order_id>:<step>`` (``:undo`` for compensations).
+
+Creating the shipment is the pivot, the point of no return: once the goods are on their way
+the order goes forward. ``commit_stock`` comes after it because it cannot be refused for a
+good reason (it turns units this saga holds into units sold, and only this saga releases
+them): an answer lost in an outage is retried until it goes through, instead of refunding a
+customer whose parcel has left and releasing stock that was sold (which inventory refuses,
+so the order would be parked).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ def place_order_saga(
         encode=PlaceOrder.to_json,
         decode=PlaceOrder.from_json,
         on_finish=record_outcome,
+        pivot="create_shipment",
     )
 
 

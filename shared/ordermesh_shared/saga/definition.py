@@ -65,11 +65,17 @@ class SagaOutcome:
 
 @dataclass(frozen=True)
 class SagaDefinition(Generic[InputT]):
-    """A named, ordered list of steps.
+    """A named, ordered list of steps, with its point of no return.
 
-    >>> definition = SagaDefinition("place_order", steps=(reserve, charge, ship),
+    ``pivot`` names the step that decides the saga: up to and including it, a refusal or a
+    fault past the forward deadline compensates what came before; once it has succeeded,
+    the steps after it are retried forward until they succeed (they must not have a
+    compensation: nothing after the pivot is ever undone). Without a pivot, every step is
+    compensable.
+
+    >>> definition = SagaDefinition("place_order", steps=(reserve, charge, ship, commit),
     ...                             encode=asdict, decode=PlaceOrder.from_json,
-    ...                             on_finish=record_order_outcome)
+    ...                             on_finish=record_order_outcome, pivot="create_shipment")
     """
 
     name: str
@@ -77,6 +83,7 @@ class SagaDefinition(Generic[InputT]):
     encode: Callable[[InputT], Mapping[str, Any]]
     decode: Callable[[Mapping[str, Any]], InputT]
     on_finish: Callable[[DbConn, SagaOutcome], Awaitable[None]] | None = None
+    pivot: str | None = None
     by_name: dict[str, Step[InputT]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +91,26 @@ class SagaDefinition(Generic[InputT]):
         if len(set(names)) != len(names):
             raise ValueError(f"saga {self.name}: step names must be unique, got {names}")
         object.__setattr__(self, "by_name", {s.name: s for s in self.steps})
+        if self.pivot is None:
+            return
+        if self.pivot not in names:
+            raise ValueError(f"saga {self.name}: pivot {self.pivot!r} is not one of {names}")
+        undone = [s.name for s in self.after_pivot() if s.compensation is not None]
+        if undone:
+            raise ValueError(
+                f"saga {self.name}: {undone} come after the pivot {self.pivot!r}, so they are"
+                " never compensated; drop their compensations or move the pivot"
+            )
+
+    def after_pivot(self) -> tuple[Step[InputT], ...]:
+        """The steps retried forward until they succeed (none without a pivot)."""
+        if self.pivot is None:
+            return ()
+        return self.steps[[s.name for s in self.steps].index(self.pivot) + 1 :]
+
+    def is_retried_forward(self, position: int) -> bool:
+        """Whether the step at ``position`` comes after the pivot."""
+        return position >= len(self.steps) - len(self.after_pivot())
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +119,11 @@ class SagaPolicy:
 
     forward_deadline: float = 10.0  # seconds from the saga's start to keep retrying faults
     retry_backoff_max: float = 1.0
+    # Steps after the pivot are retried until they succeed, backing off up to this.
+    forward_backoff_max: float = 5.0
+    # A step after the pivot failing this many times in a row is logged as an alert (and
+    # again every as many attempts): it will not give up, so an operator should look.
+    alert_after_attempts: int = 20
     # Refusals of an undo before the saga is parked as compensation_failed (faults are
     # retried until the undo goes through).
     compensation_attempts: int = 8

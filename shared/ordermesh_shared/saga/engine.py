@@ -209,7 +209,10 @@ class SagaEngine:
             await self._step_starts(saga.id, step.name, position, done)
             call = StepCall(saga.id, step.name, f"{saga.id}:{step.name}", value, dict(data))
             try:
-                result = await self._attempts(call, step, deadline) or {}
+                if definition.is_retried_forward(position):
+                    result = await self._until_it_succeeds(call, step) or {}
+                else:
+                    result = await self._attempts(call, step, deadline) or {}
             except (StepFailed, GaveUp) as failure:
                 await self._stop_forward(saga.id, step.name, failure)
                 return replace(saga, status="compensating", data=data)
@@ -269,6 +272,32 @@ class SagaEngine:
                 await asyncio.sleep(pause)
                 continue
             return result
+
+    async def _until_it_succeeds(self, call: StepCall[Any], step: Step[Any]) -> Any:
+        """A step after the pivot: past the point of no return there is nothing to go back
+        to, so faults and refusals alike are retried (same key, backing off) until it goes
+        through; each attempt shows in the step log, and a long run of them is logged as an
+        alert for an operator. Only losing the saga to another owner stops it."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with own_deadline(step.timeout):
+                    async with asyncio.timeout(step.timeout):
+                        return await step.action(call)
+            except Exception as exc:
+                error = _describe(exc)
+                await self._attempt(call.saga_id, step.name, "forward", error)
+                if attempt % self.policy.alert_after_attempts == 0:
+                    log.error(
+                        "saga.stuck_after_pivot",
+                        saga_id=str(call.saga_id),
+                        step=step.name,
+                        attempts=attempt,
+                        error=error,
+                    )
+                cap = self.policy.forward_backoff_max
+                await asyncio.sleep(random.uniform(0, min(cap, 0.05 * 2 ** min(attempt, 10))))
 
     # -- compensation ----------------------------------------------------------------------
 
@@ -370,7 +399,9 @@ class SagaEngine:
         self, saga_id: uuid.UUID, step: str, direction: str, error: str | None
     ) -> None:
         async with self._pool.acquire() as conn:
-            await store.attempt_made(conn, saga_id, step=step, direction=direction, error=error)
+            await store.attempt_made(
+                conn, saga_id, self.owner, step=step, direction=direction, error=error
+            )
 
     async def _succeeded(
         self, saga_id: uuid.UUID, step: str, direction: str, data: dict[str, Any]
@@ -382,7 +413,9 @@ class SagaEngine:
 
     async def _end_step(self, saga_id: uuid.UUID, step: str, direction: str, status: str) -> None:
         async with self._pool.acquire() as conn:
-            await store.step_finished(conn, saga_id, step=step, direction=direction, status=status)
+            await store.step_finished(
+                conn, saga_id, self.owner, step=step, direction=direction, status=status
+            )
 
     async def _write(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         async with self._pool.acquire() as conn:

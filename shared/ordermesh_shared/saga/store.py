@@ -130,6 +130,9 @@ async def step_succeeded(
         raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
 
 
+# The saga $1 is still owned by $2: a step-log write of a process that lost it changes nothing.
+_OWNED = "EXISTS (SELECT 1 FROM sagas WHERE id = $1 AND owner = $2)"
+
 # Forward step $4 of the saga just updated in an ``owned`` CTE succeeded (its attempt counted).
 _FORWARD_STEP_DONE = (
     "UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1, finished_at = now()"
@@ -171,31 +174,43 @@ async def step_advanced(
 
 
 async def attempt_made(
-    conn: DbConn, saga_id: uuid.UUID, *, step: str, direction: str, error: str | None
+    conn: DbConn,
+    saga_id: uuid.UUID,
+    owner: str,
+    *,
+    step: str,
+    direction: str,
+    error: str | None,
 ) -> None:
     """Count an attempt and keep its error (None when it succeeded)."""
-    await conn.execute(
-        "UPDATE saga_steps SET attempts = attempts + 1, last_error = COALESCE($4, last_error)"
-        " WHERE saga_id = $1 AND step = $2 AND direction = $3",
+    done = await conn.fetchval(
+        "UPDATE saga_steps SET attempts = attempts + 1, last_error = COALESCE($5, last_error)"
+        f" WHERE saga_id = $1 AND step = $3 AND direction = $4 AND {_OWNED} RETURNING 1",
         saga_id,
+        owner,
         step,
         direction,
         error,
     )
+    if done is None:
+        raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
 
 
 async def step_finished(
-    conn: DbConn, saga_id: uuid.UUID, *, step: str, direction: str, status: str
+    conn: DbConn, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, status: str
 ) -> None:
     """Persist a step's end: succeeded, rejected (a business no) or failed (gave up)."""
-    await conn.execute(
-        "UPDATE saga_steps SET status = $4, finished_at = now()"
-        " WHERE saga_id = $1 AND step = $2 AND direction = $3",
+    done = await conn.fetchval(
+        "UPDATE saga_steps SET status = $5, finished_at = now()"
+        f" WHERE saga_id = $1 AND step = $3 AND direction = $4 AND {_OWNED} RETURNING 1",
         saga_id,
+        owner,
         step,
         direction,
         status,
     )
+    if done is None:
+        raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
 
 
 async def set_status(
