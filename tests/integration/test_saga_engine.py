@@ -16,6 +16,7 @@ from ordermesh_shared.saga import (
     SAGA_MIGRATIONS,
     SagaDefinition,
     SagaEngine,
+    SagaMetrics,
     SagaOutcome,
     SagaPolicy,
     Step,
@@ -23,6 +24,7 @@ from ordermesh_shared.saga import (
     StepFailed,
 )
 from ordermesh_shared.saga import store as saga_store
+from prometheus_client import CollectorRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -465,3 +467,57 @@ async def test_step_log_writes_of_a_process_that_lost_the_saga_change_nothing(
             )
     row = await pool.fetchrow("SELECT status, attempts, last_error FROM saga_steps")
     assert dict(row) == {"status": "started", "attempts": 0, "last_error": None}
+
+
+async def test_metrics_count_how_sagas_end_and_what_was_retried(pool: asyncpg.Pool) -> None:
+    registry = CollectorRegistry()
+    world = World()
+    world.failures["hotel"] = [ConnectionError("reset")]  # one retried fault, then completed
+    definition = world.definition()
+    engine = SagaEngine(
+        pool, owner="t1", definitions=[definition], policy=FAST, metrics=SagaMetrics(registry)
+    )
+    async with engine:
+        first = await start(engine, pool, definition)
+        assert registry.get_sample_value("sagas_in_flight") == 1
+        assert await engine.wait(first, timeout=5)
+        world.failures["car"] = [StepFailed("no_cars", "none")]
+        second = await start(engine, pool, definition)
+        assert await engine.wait(second, timeout=5)
+        assert registry.get_sample_value("sagas_in_flight") == 0
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"saga": "trip", **labels})
+
+    assert sample("sagas_started_total") == 2
+    assert sample("sagas_finished_total", status="completed", step="") == 1
+    assert sample("sagas_finished_total", status="cancelled", step="car") == 1
+    retried = {"step": "hotel", "direction": "forward"}
+    assert sample("saga_step_failed_attempts_total", **retried) == 1
+    assert sample("saga_step_failed_attempts_total", step="car", direction="forward") == 1
+    hotel = {**retried, "outcome": "succeeded"}
+    assert sample("saga_step_duration_seconds_count", **hotel) == 2
+    undone = {"step": "flight", "direction": "compensate", "outcome": "succeeded"}
+    assert sample("saga_step_duration_seconds_count", **undone) == 1
+
+
+async def test_a_step_stuck_after_the_pivot_shows_until_it_goes_through(
+    pool: asyncpg.Pool,
+) -> None:
+    registry = CollectorRegistry()
+    world = World()
+    world.failures["car"] = [ConnectionError("down")] * 12
+    definition = _with_pivot(world)
+    policy = replace(FAST, alert_after_attempts=2, forward_backoff_max=0.02)
+    engine = SagaEngine(
+        pool, owner="t1", definitions=[definition], policy=policy, metrics=SagaMetrics(registry)
+    )
+    stuck = {"saga": "trip", "step": "car"}
+    async with engine:
+        saga_id = await start(engine, pool, definition)
+        async with asyncio.timeout(5):
+            while registry.get_sample_value("saga_steps_stuck_after_pivot", stuck) != 1:
+                await asyncio.sleep(0.005)
+        assert await engine.wait(saga_id, timeout=5)
+    assert registry.get_sample_value("saga_steps_stuck_after_pivot", stuck) == 0
+    assert await saga_status(pool, saga_id) == ("completed", None)

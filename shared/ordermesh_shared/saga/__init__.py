@@ -12,6 +12,7 @@ from ordermesh_shared.saga.definition import (
     StepFailed,
 )
 from ordermesh_shared.saga.engine import SagaEngine
+from ordermesh_shared.saga.metrics import SagaMetrics
 
 SAGA_MIGRATIONS = MigrationSet("saga", Path(__file__).resolve().parent / "migrations")
 
@@ -19,6 +20,7 @@ __all__ = [
     "SAGA_MIGRATIONS",
     "SagaDefinition",
     "SagaEngine",
+    "SagaMetrics",
     "SagaOutcome",
     "SagaPolicy",
     "Step",

@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from prometheus_client import CollectorRegistry
 
 from ordermesh_shared.database import Database, DbConn
 from ordermesh_shared.resilience.deadline import own_deadline, without_deadline
@@ -44,6 +45,7 @@ from ordermesh_shared.saga.definition import (
     StepCall,
     StepFailed,
 )
+from ordermesh_shared.saga.metrics import SagaMetrics
 from ordermesh_shared.saga.store import LostOwnership, SagaRow
 from ordermesh_shared.tasks import BackgroundTasks
 from ordermesh_shared.transient import is_transient
@@ -66,9 +68,11 @@ class SagaEngine:
         definitions: Iterable[SagaDefinition[Any]],
         policy: SagaPolicy | None = None,
         tasks: BackgroundTasks | None = None,
+        metrics: SagaMetrics | None = None,
     ) -> None:
         """``tasks``: the service's supervisor (its loops then show in readiness); by default
-        the engine supervises its heartbeat and recovery loops itself."""
+        the engine supervises its heartbeat and recovery loops itself. ``metrics``: where the
+        engine's series go (by default a registry nobody scrapes)."""
         # A Database hands out its pool only once migrated; the loops wait for that.
         self._source = pool
         self.instance = owner
@@ -81,6 +85,8 @@ class SagaEngine:
         self._loops: list[asyncio.Task[None]] = []
         self._own_tasks = tasks is None
         self._tasks = tasks or BackgroundTasks()
+        self.metrics = metrics or SagaMetrics(CollectorRegistry())
+        self.metrics.count_in_flight(lambda: self.in_flight)
 
     @property
     def in_flight(self) -> int:
@@ -134,6 +140,8 @@ class SagaEngine:
             owner=self.owner,
             ttl=self.policy.lease_ttl,
         )
+        # Counted when the transaction is still open: a rolled-back create counts too (rare).
+        self.metrics.started.labels(definition.name).inc()
         return SagaRow(saga_id, definition.name, "running", dict(payload), {}, 0, None)
 
     def launch(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
@@ -208,17 +216,21 @@ class SagaEngine:
                 continue
             await self._step_starts(saga.id, step.name, position, done)
             call = StepCall(saga.id, step.name, f"{saga.id}:{step.name}", value, dict(data))
+            timer = _StepTimer(self.metrics, definition.name, step.name, "forward")
             try:
                 if definition.is_retried_forward(position):
-                    result = await self._until_it_succeeds(call, step) or {}
+                    result = await self._until_it_succeeds(definition.name, call, step) or {}
                 else:
-                    result = await self._attempts(call, step, deadline) or {}
+                    result = await self._attempts(definition.name, call, step, deadline) or {}
             except (StepFailed, GaveUp) as failure:
+                timer.done("rejected" if isinstance(failure, StepFailed) else "failed")
                 await self._stop_forward(saga.id, step.name, failure)
                 return replace(saga, status="compensating", data=data)
+            timer.done("succeeded")
             data.update(result)
             done = _Done(step.name, result)
         await self._finish(definition, saga.id, "completed", None, data, done=done)
+        self.metrics.finished.labels(definition.name, "completed", "").inc()
         return replace(saga, status="completed", data=data)
 
     async def _step_starts(
@@ -251,7 +263,9 @@ class SagaEngine:
         await self._end_step(saga_id, step, "forward", status)
         await self._set_status(saga_id, "compensating", reason)
 
-    async def _attempts(self, call: StepCall[Any], step: Step[Any], deadline: float) -> Any:
+    async def _attempts(
+        self, saga: str, call: StepCall[Any], step: Step[Any], deadline: float
+    ) -> Any:
         """Retry faults with jittered backoff until the deadline (at least one attempt)."""
         attempt = 0
         while True:
@@ -261,11 +275,11 @@ class SagaEngine:
                     async with asyncio.timeout(step.timeout):
                         result = await step.action(call)
             except StepFailed as failure:
-                await self._attempt(call.saga_id, step.name, "forward", str(failure))
+                await self._attempt(saga, call.saga_id, step.name, "forward", str(failure))
                 raise
             except Exception as exc:
                 error = _describe(exc)
-                await self._attempt(call.saga_id, step.name, "forward", error)
+                await self._attempt(saga, call.saga_id, step.name, "forward", error)
                 pause = random.uniform(0, min(self.policy.retry_backoff_max, 0.05 * 2**attempt))
                 if time.monotonic() + pause >= deadline:
                     raise GaveUp(error) from exc
@@ -273,31 +287,39 @@ class SagaEngine:
                 continue
             return result
 
-    async def _until_it_succeeds(self, call: StepCall[Any], step: Step[Any]) -> Any:
+    async def _until_it_succeeds(self, saga: str, call: StepCall[Any], step: Step[Any]) -> Any:
         """A step after the pivot: past the point of no return there is nothing to go back
         to, so faults and refusals alike are retried (same key, backing off) until it goes
         through; each attempt shows in the step log, and a long run of them is logged as an
         alert for an operator. Only losing the saga to another owner stops it."""
+        stuck = self.metrics.stuck.labels(saga, step.name)
+        alerted = False
         attempt = 0
-        while True:
-            attempt += 1
-            try:
-                with own_deadline(step.timeout):
-                    async with asyncio.timeout(step.timeout):
-                        return await step.action(call)
-            except Exception as exc:
-                error = _describe(exc)
-                await self._attempt(call.saga_id, step.name, "forward", error)
-                if attempt % self.policy.alert_after_attempts == 0:
-                    log.error(
-                        "saga.stuck_after_pivot",
-                        saga_id=str(call.saga_id),
-                        step=step.name,
-                        attempts=attempt,
-                        error=error,
-                    )
+        try:
+            while True:
+                attempt += 1
+                try:
+                    with own_deadline(step.timeout):
+                        async with asyncio.timeout(step.timeout):
+                            return await step.action(call)
+                except Exception as exc:
+                    error = _describe(exc)
+                    await self._attempt(saga, call.saga_id, step.name, "forward", error)
+                    if attempt % self.policy.alert_after_attempts == 0:
+                        stuck.inc(0 if alerted else 1)
+                        alerted = True
+                        log.error(
+                            "saga.stuck_after_pivot",
+                            saga_id=str(call.saga_id),
+                            step=step.name,
+                            attempts=attempt,
+                            error=error,
+                        )
                 cap = self.policy.forward_backoff_max
                 await asyncio.sleep(random.uniform(0, min(cap, 0.05 * 2 ** min(attempt, 10))))
+        finally:  # succeeded, taken over or shut down: no longer stuck here
+            if alerted:
+                stuck.dec()
 
     # -- compensation ----------------------------------------------------------------------
 
@@ -321,14 +343,34 @@ class SagaEngine:
             step = registered[position]
             if not _needs_undo(step, statuses):
                 continue
-            if not await self._undo_step(saga.id, step, position, value, current.data):
+            if not await self._undo_step(
+                definition.name, saga.id, step, position, value, current.data
+            ):
                 reason = f"compensation of {step.name} kept failing; retry via the operator API"
                 await self._finish(definition, saga.id, "compensation_failed", reason, current.data)
+                self._count_end(definition, "compensation_failed", statuses)
                 return
         await self._finish(definition, saga.id, "cancelled", None, current.data)
+        self._count_end(definition, "cancelled", statuses)
+
+    def _count_end(
+        self, definition: SagaDefinition[Any], status: str, statuses: dict[tuple[str, str], str]
+    ) -> None:
+        # The deciding step: the forward step that was refused or gave up.
+        decided_by = next(
+            (s.name for s in definition.steps if statuses.get((s.name, "forward")) in _STOPPED),
+            "",
+        )
+        self.metrics.finished.labels(definition.name, status, decided_by).inc()
 
     async def _undo_step(
-        self, saga_id: uuid.UUID, step: Step[Any], position: int, value: Any, data: dict[str, Any]
+        self,
+        saga: str,
+        saga_id: uuid.UUID,
+        step: Step[Any],
+        position: int,
+        value: Any,
+        data: dict[str, Any],
     ) -> bool:
         assert step.compensation is not None
         await self._write(
@@ -343,6 +385,7 @@ class SagaEngine:
         # A fault (participant down, timeout, open breaker) is retried until the undo goes
         # through: parking on one would leave stock held or money kept for an outage that
         # heals. Only a participant's refusal, repeated, parks the saga for an operator.
+        timer = _StepTimer(self.metrics, saga, step.name, "compensate")
         attempt = refusals = 0
         while refusals < self.policy.compensation_attempts:
             attempt += 1
@@ -351,14 +394,16 @@ class SagaEngine:
                     async with asyncio.timeout(step.timeout):
                         await step.compensation(call)
             except Exception as exc:
-                await self._attempt(saga_id, step.name, "compensate", _describe(exc))
+                await self._attempt(saga, saga_id, step.name, "compensate", _describe(exc))
                 refusals += isinstance(exc, StepFailed)
                 cap = self.policy.compensation_backoff_max
                 await asyncio.sleep(random.uniform(0, min(cap, 0.1 * 2 ** min(attempt, 10))))
                 continue
             await self._succeeded(saga_id, step.name, "compensate", {})
+            timer.done("succeeded")
             return True
         await self._end_step(saga_id, step.name, "compensate", "failed")
+        timer.done("failed")
         return False
 
     # -- persistence helpers ---------------------------------------------------------------
@@ -396,8 +441,10 @@ class SagaEngine:
             await store.set_status(conn, saga_id, self.owner, status, reason)
 
     async def _attempt(
-        self, saga_id: uuid.UUID, step: str, direction: str, error: str | None
+        self, saga: str, saga_id: uuid.UUID, step: str, direction: str, error: str
     ) -> None:
+        """A failed attempt: counted, and written to the step log."""
+        self.metrics.failed_attempts.labels(saga, step, direction).inc()
         async with self._pool.acquire() as conn:
             await store.attempt_made(
                 conn, saga_id, self.owner, step=step, direction=direction, error=error
@@ -459,6 +506,22 @@ class SagaEngine:
         for saga_id in stranded:
             log.info("saga.resumed", saga_id=str(saga_id))
             self.launch(saga_id)
+
+
+_STOPPED = ("rejected", "failed")
+
+
+class _StepTimer:
+    """Times one step from its first attempt to its end."""
+
+    def __init__(self, metrics: SagaMetrics, saga: str, step: str, direction: str) -> None:
+        self._histogram = metrics.step_seconds
+        self._labels = (saga, step, direction)
+        self._started = time.monotonic()
+
+    def done(self, outcome: str) -> None:
+        elapsed = time.monotonic() - self._started
+        self._histogram.labels(*self._labels, outcome).observe(elapsed)
 
 
 @dataclass(frozen=True, slots=True)
