@@ -40,6 +40,7 @@ from ordermesh_shared.resilience import (
     ServiceClient,
     install_upstream_error_handlers,
 )
+from ordermesh_shared.retention import Pruner, retention_rules
 from ordermesh_shared.tasks import BackgroundTasks
 
 log = structlog.get_logger(__name__)
@@ -164,6 +165,14 @@ def _lifespan(
             if spec.setup is not None:
                 await stack.enter_async_context(spec.setup(ctx))
             ctx.tasks.supervise(lambda: keep_registered(ctx), name="presence")
+            # Inbox, idempotency keys, timeline, finished sagas' steps: each replica prunes.
+            pruner = Pruner(
+                ctx.db,
+                retention_rules(settings),
+                interval=settings.prune_interval,
+                pruned=metrics.pruned_rows,
+            )
+            ctx.tasks.supervise(pruner.run, name="retention")
             _warn_without_admin_token(settings)
             log.info("service.started", port=settings.port, registry=settings.registry)
             yield

@@ -13,12 +13,16 @@ import socket
 import sys
 from typing import ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 # HS256 wants a key at least as long as its hash (RFC 7518 3.2): 32 bytes.
 MIN_SECRET_LENGTH = 32
+# Idempotency keys and inbox rows guard against a replay: they must outlive any retry of one
+# key (a saga's deadline and its undo retries are minutes, a parked saga's re-drive or a
+# dead-lettered message's may come after an outage) by a wide margin. 0 still means "keep".
+MIN_DEDUP_RETENTION_DAYS = 1.0
 
 
 class ServiceSettings(BaseSettings):
@@ -55,6 +59,40 @@ class ServiceSettings(BaseSettings):
         le=64 * 1024 * 1024,
         description="Largest request body in bytes; a larger one gets 413 before it is read.",
     )
+    idempotency_retention_days: float = Field(
+        7.0,
+        ge=0,
+        le=3650,
+        description=(
+            "Days a command's idempotency key and stored answer are kept (0: for ever; else at"
+            " least 1). A retry with a pruned key runs the command again, so this must far"
+            " outlive the longest retry of one key: a saga's deadline and its undo retries"
+            " (minutes), a parked saga re-driven by an operator after an outage."
+        ),
+    )
+    inbox_retention_days: float = Field(
+        7.0,
+        ge=0,
+        le=3650,
+        description=(
+            "Days a consumer remembers an applied event id (0: for ever; else at least 1). An"
+            " event redelivered after its row is pruned is applied again, so this must outlive"
+            " the broker's redelivery horizon: queues have no message TTL, and dead-lettered"
+            " or quarantined events may be re-driven after an outage."
+        ),
+    )
+    history_retention_days: float = Field(
+        30.0,
+        ge=0,
+        le=3650,
+        description=(
+            "Days the order timeline and the step log of finished (completed or cancelled)"
+            " sagas are kept (0: for ever). Running and parked sagas keep their steps."
+        ),
+    )
+    prune_interval: float = Field(
+        60.0, gt=0, le=86400, description="Seconds between two passes of the retention pruner."
+    )
     # No defaults for secrets: a deployment generates its own (make dev / make up do).
     service_token_secret: SecretStr = Field(
         min_length=MIN_SECRET_LENGTH,
@@ -64,6 +102,16 @@ class ServiceSettings(BaseSettings):
         None,
         description="Token for admin endpoints (X-Admin-Token); unset: admin endpoints disabled.",
     )
+
+    @field_validator("idempotency_retention_days", "inbox_retention_days")
+    @classmethod
+    def _dedup_floor(cls, days: float) -> float:
+        if 0 < days < MIN_DEDUP_RETENTION_DAYS:
+            raise ValueError(
+                f"must be 0 (keep for ever) or at least {MIN_DEDUP_RETENTION_DAYS:g} day(s):"
+                " a retry or redelivery after its row is pruned would apply a second time"
+            )
+        return days
 
     @model_validator(mode="after")
     def _fill_derived(self) -> ServiceSettings:

@@ -37,6 +37,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.pruned_rows = Counter(
+            "retention_pruned_rows_total",
+            "Rows deleted by the retention pruner (older than the table's retention), by table.",
+            ["table"],
+            registry=self.registry,
+        )
 
     async def endpoint(self, _request: Request) -> Response:
         """Serve the Prometheus text format."""
