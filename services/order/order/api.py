@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from ordermesh_shared.admin import ADMIN_RESPONSES, RequireAdmin
 from ordermesh_shared.bootstrap import Ctx
-from ordermesh_shared.errors import Conflict, NotFound, ServiceError
+from ordermesh_shared.errors import RETRY_AFTER_SECONDS, Conflict, NotFound, ServiceError
 from ordermesh_shared.idempotency import KeyReused, request_hash
 from ordermesh_shared.resilience import remaining
 from ordermesh_shared.saga.store import SagaRow
@@ -79,6 +79,30 @@ IdempotencyHeader = Annotated[
 ]
 
 
+# The 429 of POST /orders, documented like the shared 503 (conformance tests check both).
+SHED_RESPONSE: dict[str, object] = {
+    "description": (
+        "This instance runs as many sagas as it may (MAX_IN_FLIGHT_SAGAS): nothing was"
+        " created; retry after `Retry-After`. A replayed Idempotency-Key is still answered."
+    ),
+    "headers": {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "integer"},
+        }
+    },
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"detail": {"type": "string"}, "reason": {"type": "string"}},
+                "required": ["detail"],
+            }
+        }
+    },
+}
+
+
 @router.post(
     "/orders",
     summary="Place an order; 201 when it ended within the wait, else 202 with Location.",
@@ -88,6 +112,7 @@ IdempotencyHeader = Annotated[
         200: {"description": "A replay of an earlier Idempotency-Key: that order."},
         202: {"description": "Accepted, still running: follow `Location`."},
         422: {"description": "Invalid request, or Idempotency-Key reused with another body."},
+        429: SHED_RESPONSE,
     },
 )
 async def place_order(
@@ -95,7 +120,13 @@ async def place_order(
 ) -> JSONResponse:
     runtime = order_runtime(ctx)
     fingerprint = request_hash(body, path="/orders")
-    order_id, saga = await _create_or_find(ctx, body, key, fingerprint)
+    try:
+        order_id, saga = await _create_or_find(ctx, body, key, fingerprint)
+    except Overloaded as exc:
+        runtime.admission.shed.inc()
+        return exc.response()
+    # No await between the end of _create_or_find and launch: the saga is counted by
+    # admission.creating() until engine.in_flight counts it.
     if saga is not None:
         runtime.engine.launch(order_id, saga)
     await runtime.engine.wait(order_id, timeout=saga_wait(runtime.wait))
@@ -124,22 +155,57 @@ def saga_wait(configured: float) -> float:
 async def _create_or_find(
     ctx: Ctx, body: PlaceOrderRequest, key: str | None, fingerprint: str
 ) -> tuple[uuid.UUID, SagaRow | None]:
-    """The new order and its saga (to launch), or the order this key created earlier."""
+    """The new order and its saga (to launch), or the order this key created earlier;
+    :class:`Overloaded` when this instance may start no saga and there is no earlier order."""
     runtime = order_runtime(ctx)
+    if runtime.admission.full:
+        return await _earlier_order(ctx, key, fingerprint, limit=runtime.admission.limit), None
     order_id = uuid.uuid4()
-    async with ctx.db.pool.acquire() as conn, conn.transaction():
-        if await store.insert_order(
-            conn, order_id, body, idempotency_key=key, request_hash=fingerprint
-        ):
-            saga_input = PlaceOrder.from_request(order_id, body)
-            saga = await runtime.engine.create(conn, runtime.definition, order_id, saga_input)
-            await store.order_event(conn, order_id, "created", body.model_dump(mode="json"))
-            return order_id, saga
-        existing = await store.order_for_key(conn, key or "")
+    with runtime.admission.creating():
+        async with ctx.db.pool.acquire() as conn, conn.transaction():
+            if await store.insert_order(
+                conn, order_id, body, idempotency_key=key, request_hash=fingerprint
+            ):
+                saga_input = PlaceOrder.from_request(order_id, body)
+                saga = await runtime.engine.create(conn, runtime.definition, order_id, saga_input)
+                await store.order_event(conn, order_id, "created", body.model_dump(mode="json"))
+                return order_id, saga
+            existing = await store.order_for_key(conn, key or "")
     assert existing is not None
+    return _replayed(existing, key, fingerprint), None
+
+
+async def _earlier_order(ctx: Ctx, key: str | None, fingerprint: str, *, limit: int) -> uuid.UUID:
+    """Under overload: the order this key created earlier (a replay creates nothing, so it is
+    not shed), else :class:`Overloaded`."""
+    if key is not None:
+        async with ctx.db.pool.acquire() as conn:
+            existing = await store.order_for_key(conn, key)
+        if existing is not None:
+            return _replayed(existing, key, fingerprint)
+    raise Overloaded(
+        f"this order instance is running its limit of {limit} sagas; nothing was created,"
+        " retry after Retry-After",
+        reason="overloaded",
+    )
+
+
+def _replayed(existing: Any, key: str | None, fingerprint: str) -> uuid.UUID:
     if existing["request_hash"] != fingerprint:
         raise KeyReused(f"Idempotency-Key {key!r} was already used for a different order")
-    return existing["id"], None
+    order_id: uuid.UUID = existing["id"]
+    return order_id
+
+
+class Overloaded(ServiceError):
+    """Too many sagas in flight here: shed, don't queue (429 with ``Retry-After``)."""
+
+    status_code = 429
+
+    def response(self) -> JSONResponse:
+        """The 429 answer (the shared handler sets no headers)."""
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return JSONResponse(self.body(), status_code=self.status_code, headers=headers)
 
 
 def _placed(order: Order, *, created: bool, location: str) -> JSONResponse:

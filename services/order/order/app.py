@@ -14,7 +14,7 @@ from ordermesh_shared.saga import SAGA_MIGRATIONS, SagaEngine, SagaPolicy
 from pydantic import Field
 
 from order.api import router
-from order.app_state import RUNTIME_KEY, OrderRuntime
+from order.app_state import RUNTIME_KEY, OrderRuntime, SagaAdmission
 from order.clients import OrderClients
 from order.saga import place_order_saga
 from order.timeline import start_timeline, timeline_router
@@ -38,6 +38,15 @@ class OrderSettings(ServiceSettings):
     saga_lease_ttl: float = Field(
         5.0, gt=0, le=120, description="Seconds before another instance takes over a saga."
     )
+    max_in_flight_sagas: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description=(
+            "Sagas one instance runs at once; beyond it POST /orders answers 429 with"
+            " Retry-After (a replayed Idempotency-Key is still answered)."
+        ),
+    )
 
 
 def _saga_setup(settings: OrderSettings) -> Setup:
@@ -57,7 +66,11 @@ def _saga_setup(settings: OrderSettings) -> Setup:
             tasks=ctx.tasks,  # its heartbeat and recovery loops show in readiness
         )
         async with engine:
-            ctx.extras[RUNTIME_KEY] = OrderRuntime(engine, definition, settings.order_wait)
+            admission = SagaAdmission(
+                engine, limit=settings.max_in_flight_sagas, registry=ctx.metrics.registry
+            )
+            runtime = OrderRuntime(engine, definition, settings.order_wait, admission)
+            ctx.extras[RUNTIME_KEY] = runtime
             start_timeline(ctx)
             yield
 
