@@ -25,7 +25,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -35,7 +35,6 @@ from prometheus_client import CollectorRegistry
 
 from ordermesh_shared.database import Database, DbConn
 from ordermesh_shared.resilience.deadline import own_deadline, without_deadline
-from ordermesh_shared.saga import store
 from ordermesh_shared.saga.definition import (
     TERMINAL,
     SagaDefinition,
@@ -46,7 +45,13 @@ from ordermesh_shared.saga.definition import (
     StepFailed,
 )
 from ordermesh_shared.saga.metrics import SagaMetrics
-from ordermesh_shared.saga.store import LostOwnership, SagaRow
+from ordermesh_shared.saga.store import (
+    LostOwnership,
+    PostgresSagaStore,
+    SagaRow,
+    SagaStore,
+    StepDone,
+)
 from ordermesh_shared.tasks import BackgroundTasks
 from ordermesh_shared.transient import is_transient
 
@@ -62,17 +67,19 @@ class SagaEngine:
 
     def __init__(
         self,
-        pool: asyncpg.Pool | Database,
+        pool: asyncpg.Pool | Database | None,
         *,
         owner: str,
         definitions: Iterable[SagaDefinition[Any]],
         policy: SagaPolicy | None = None,
         tasks: BackgroundTasks | None = None,
         metrics: SagaMetrics | None = None,
+        store: SagaStore | None = None,
     ) -> None:
         """``tasks``: the service's supervisor (its loops then show in readiness); by default
         the engine supervises its heartbeat and recovery loops itself. ``metrics``: where the
-        engine's series go (by default a registry nobody scrapes)."""
+        engine's series go (by default a registry nobody scrapes). ``store``: where sagas are
+        kept (by default Postgres through ``pool``; unit tests pass an in-memory store)."""
         # A Database hands out its pool only once migrated; the loops wait for that.
         self._source = pool
         self.instance = owner
@@ -87,6 +94,7 @@ class SagaEngine:
         self._tasks = tasks or BackgroundTasks()
         self.metrics = metrics or SagaMetrics(CollectorRegistry())
         self.metrics.count_in_flight(lambda: self.in_flight)
+        self._store: SagaStore = store or PostgresSagaStore(lambda: self._pool)
 
     @property
     def in_flight(self) -> int:
@@ -96,6 +104,8 @@ class SagaEngine:
 
     @property
     def _pool(self) -> asyncpg.Pool:
+        if self._source is None:
+            raise RuntimeError("a SagaEngine without a pool needs a store")
         return self._source.pool if isinstance(self._source, Database) else self._source
 
     async def __aenter__(self) -> SagaEngine:
@@ -132,13 +142,8 @@ class SagaEngine:
         """Persist a new saga in the caller's transaction; :meth:`launch` it after commit
         (passing the row returned here saves re-reading it)."""
         payload = definition.encode(value)
-        await store.insert_saga(
-            conn,
-            saga_id,
-            definition.name,
-            payload,
-            owner=self.owner,
-            ttl=self.policy.lease_ttl,
+        await self._store.insert(
+            conn, saga_id, definition.name, payload, owner=self.owner, ttl=self.policy.lease_ttl
         )
         # Counted when the transaction is still open: a rolled-back create counts too (rare).
         self.metrics.started.labels(definition.name).inc()
@@ -173,7 +178,7 @@ class SagaEngine:
 
     async def reopen(self, conn: DbConn, saga_id: uuid.UUID) -> bool:
         """Resume compensating a parked saga (in the caller's transaction; launch after)."""
-        return await store.reopen_parked(conn, saga_id, self.owner, self.policy.lease_ttl)
+        return await self._store.reopen(conn, saga_id, self.owner, self.policy.lease_ttl)
 
     def _done(self, saga_id: uuid.UUID, task: asyncio.Task[None]) -> None:
         self._running.pop(saga_id, None)
@@ -182,7 +187,7 @@ class SagaEngine:
 
     async def _run(self, saga_id: uuid.UUID, created: SagaRow | None) -> None:
         try:
-            saga = created or await self._load(saga_id)
+            saga = created or await self._store.load(saga_id)
             if saga is None or saga.status in TERMINAL:
                 return
             definition = self._definitions[saga.name]
@@ -195,10 +200,6 @@ class SagaEngine:
         except LostOwnership:
             log.warning("saga.taken_over", saga_id=str(saga_id))
 
-    async def _load(self, saga_id: uuid.UUID) -> SagaRow | None:
-        async with self._pool.acquire() as conn:
-            return await store.load_saga(conn, saga_id)
-
     # -- forward ---------------------------------------------------------------------------
 
     async def _forward(
@@ -210,11 +211,18 @@ class SagaEngine:
         value = definition.decode(saga.input)
         data = dict(saga.data)
         deadline = time.monotonic() + self.policy.forward_deadline
-        done: _Done | None = None  # the step that just succeeded, recorded with the next start
+        done: StepDone | None = None  # the step that just succeeded, written with what follows
         for position, step in enumerate(definition.steps):
             if statuses.get((step.name, "forward")) == "succeeded":
                 continue
-            await self._step_starts(saga.id, step.name, position, done)
+            await self._store.step_started(
+                saga.id,
+                self.owner,
+                step=step.name,
+                direction="forward",
+                position=position,
+                done=done,
+            )
             call = StepCall(saga.id, step.name, f"{saga.id}:{step.name}", value, dict(data))
             timer = _StepTimer(self.metrics, definition.name, step.name, "forward")
             try:
@@ -228,29 +236,10 @@ class SagaEngine:
                 return replace(saga, status="compensating", data=data)
             timer.done("succeeded")
             data.update(result)
-            done = _Done(step.name, result)
+            done = StepDone(step.name, dict(result))
         await self._finish(definition, saga.id, "completed", None, data, done=done)
         self.metrics.finished.labels(definition.name, "completed", "").inc()
         return replace(saga, status="completed", data=data)
-
-    async def _step_starts(
-        self, saga_id: uuid.UUID, step: str, position: int, done: _Done | None
-    ) -> None:
-        async with self._pool.acquire() as conn:
-            if done is None:
-                await store.step_started(
-                    conn, saga_id, self.owner, step=step, direction="forward", position=position
-                )
-            else:
-                await store.step_advanced(
-                    conn,
-                    saga_id,
-                    self.owner,
-                    done=done.step,
-                    data=done.data,
-                    step=step,
-                    position=position,
-                )
 
     async def _stop_forward(
         self, saga_id: uuid.UUID, step: str, failure: StepFailed | GaveUp
@@ -333,8 +322,7 @@ class SagaEngine:
         await asyncio.shield(task)
 
     async def _compensate(self, definition: SagaDefinition[Any], saga: SagaRow) -> None:
-        async with self._pool.acquire() as conn:
-            current = await store.load_saga(conn, saga.id)
+        current = await self._store.load(saga.id)
         assert current is not None
         value = definition.decode(current.input)
         statuses = await self._statuses(saga.id)
@@ -373,13 +361,8 @@ class SagaEngine:
         data: dict[str, Any],
     ) -> bool:
         assert step.compensation is not None
-        await self._write(
-            store.step_started,
-            saga_id,
-            self.owner,
-            step=step.name,
-            direction="compensate",
-            position=position,
+        await self._store.step_started(
+            saga_id, self.owner, step=step.name, direction="compensate", position=position
         )
         call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}:undo", value, data)
         # A fault (participant down, timeout, open breaker) is retried until the undo goes
@@ -416,61 +399,45 @@ class SagaEngine:
         reason: str | None,
         data: dict[str, Any],
         *,
-        done: _Done | None = None,
+        done: StepDone | None = None,
     ) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            if done is not None:  # the last step's success, committed with the end
-                first_reason = await store.last_step_and_status(
-                    conn,
-                    saga_id,
-                    self.owner,
-                    step=done.step,
-                    data=done.data,
-                    status=status,
-                    reason=reason,
-                )
-            else:
-                first_reason = await store.set_status(conn, saga_id, self.owner, status, reason)
+        async def then(conn: Any, first_reason: str | None) -> None:
+            # In the transaction that ends the saga: the order takes its outcome with it.
             if definition.on_finish is not None:
                 outcome = SagaOutcome(saga_id, status, first_reason, data)
                 await definition.on_finish(conn, outcome)
-        log.info("saga.finished", saga_id=str(saga_id), status=status, reason=first_reason)
+
+        first = await self._store.finish(
+            saga_id, self.owner, status=status, reason=reason, done=done, on_finish=then
+        )
+        log.info("saga.finished", saga_id=str(saga_id), status=status, reason=first)
 
     async def _set_status(self, saga_id: uuid.UUID, status: str, reason: str) -> None:
-        async with self._pool.acquire() as conn:
-            await store.set_status(conn, saga_id, self.owner, status, reason)
+        await self._store.set_status(saga_id, self.owner, status, reason)
 
     async def _attempt(
         self, saga: str, saga_id: uuid.UUID, step: str, direction: str, error: str
     ) -> None:
         """A failed attempt: counted, and written to the step log."""
         self.metrics.failed_attempts.labels(saga, step, direction).inc()
-        async with self._pool.acquire() as conn:
-            await store.attempt_made(
-                conn, saga_id, self.owner, step=step, direction=direction, error=error
-            )
+        await self._store.attempt_made(
+            saga_id, self.owner, step=step, direction=direction, error=error
+        )
 
     async def _succeeded(
         self, saga_id: uuid.UUID, step: str, direction: str, data: dict[str, Any]
     ) -> None:
-        async with self._pool.acquire() as conn:
-            await store.step_succeeded(
-                conn, saga_id, self.owner, step=step, direction=direction, data=data
-            )
+        await self._store.step_succeeded(
+            saga_id, self.owner, step=step, direction=direction, data=data
+        )
 
     async def _end_step(self, saga_id: uuid.UUID, step: str, direction: str, status: str) -> None:
-        async with self._pool.acquire() as conn:
-            await store.step_finished(
-                conn, saga_id, self.owner, step=step, direction=direction, status=status
-            )
-
-    async def _write(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        async with self._pool.acquire() as conn:
-            await fn(conn, *args, **kwargs)
+        await self._store.step_finished(
+            saga_id, self.owner, step=step, direction=direction, status=status
+        )
 
     async def _statuses(self, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:
-        async with self._pool.acquire() as conn:
-            return await store.step_statuses(conn, saga_id)
+        return await self._store.statuses(saga_id)
 
     # -- background loops ------------------------------------------------------------------
 
@@ -480,8 +447,7 @@ class SagaEngine:
             await _quietly("saga.heartbeat_failed", self._renew())
 
     async def _renew(self) -> None:
-        async with self._pool.acquire() as conn:
-            await store.renew_leases(conn, self.owner, self.policy.lease_ttl)
+        await self._store.renew_leases(self.owner, self.policy.lease_ttl)
 
     async def _recover(self) -> None:
         while True:
@@ -489,17 +455,16 @@ class SagaEngine:
             await asyncio.sleep(self.policy.lease_ttl / 2)
 
     async def _claim_and_launch(self) -> None:
-        async with self._pool.acquire() as conn:
-            claimed = await store.claim_orphans(
-                conn, self.owner, instance=self.instance, ttl=self.policy.lease_ttl
-            )
-            # A saga whose task died here (say Postgres went away mid-step) keeps this
-            # process's lease alive through the heartbeat: nobody else would ever take it.
-            stranded = [
-                saga_id
-                for saga_id in await store.own_unfinished(conn, self.owner)
-                if saga_id not in self._running and saga_id not in claimed
-            ]
+        claimed = await self._store.claim_orphans(
+            self.owner, instance=self.instance, ttl=self.policy.lease_ttl
+        )
+        # A saga whose task died here (say Postgres went away mid-step) keeps this
+        # process's lease alive through the heartbeat: nobody else would ever take it.
+        stranded = [
+            saga_id
+            for saga_id in await self._store.own_unfinished(self.owner)
+            if saga_id not in self._running and saga_id not in claimed
+        ]
         for saga_id in claimed:
             log.info("saga.recovered", saga_id=str(saga_id))
             self.launch(saga_id)
@@ -522,14 +487,6 @@ class _StepTimer:
     def done(self, outcome: str) -> None:
         elapsed = time.monotonic() - self._started
         self._histogram.labels(*self._labels, outcome).observe(elapsed)
-
-
-@dataclass(frozen=True, slots=True)
-class _Done:
-    """A forward step that succeeded, and its results, not yet written."""
-
-    step: str
-    data: dict[str, Any]
 
 
 def _needs_undo(step: Step[Any], statuses: dict[tuple[str, str], str]) -> bool:

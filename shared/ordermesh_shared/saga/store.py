@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -43,7 +43,7 @@ def _row(record: asyncpg.Record) -> SagaRow:
     )
 
 
-def _data_json(data: Mapping[str, Any]) -> str:
+def data_json(data: Mapping[str, Any]) -> str:
     # Step results may hold Decimals, UUIDs or datetimes: stored as their text.
     return json.dumps(dict(data), default=str)
 
@@ -122,7 +122,7 @@ async def step_succeeded(
         " WHERE saga_id = (SELECT id FROM owned) AND step = $4 AND direction = $5 RETURNING 1",
         saga_id,
         owner,
-        _data_json(data),
+        data_json(data),
         step,
         direction,
     )
@@ -164,7 +164,7 @@ async def step_advanced(
         " RETURNING 1",
         saga_id,
         owner,
-        _data_json(data),
+        data_json(data),
         done,
         step,
         position,
@@ -253,7 +253,7 @@ async def last_step_and_status(
         " SELECT failure_reason FROM owned WHERE EXISTS (SELECT 1 FROM done)",
         saga_id,
         owner,
-        _data_json(data),
+        data_json(data),
         step,
         status,
         reason,
@@ -333,3 +333,235 @@ async def reopen_parked(conn: DbConn, saga_id: uuid.UUID, owner: str, ttl: float
         ttl,
     )
     return done is not None
+
+
+# -- the store the engine talks to ---------------------------------------------------------
+
+# Runs in the transaction that ends a saga, given that transaction's connection (None in a
+# store without one, such as the in-memory store of unit tests) and the first failure reason.
+OnFinish = Callable[[Any, str | None], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """A forward step that succeeded, with its results, recorded with what follows it."""
+
+    step: str
+    data: dict[str, Any]
+
+
+class SagaStore(Protocol):
+    """Where the engine keeps sagas and their step logs. Every write names the owner and
+    raises :class:`LostOwnership` when the saga is not (or no longer) that owner's.
+
+    :class:`PostgresSagaStore` is the real one; :class:`~ordermesh_shared.saga.memory.
+    InMemorySagaStore` keeps the same rules in a dict, for unit tests of the engine."""
+
+    async def insert(
+        self,
+        conn: Any,
+        saga_id: uuid.UUID,
+        name: str,
+        payload: Mapping[str, Any],
+        *,
+        owner: str,
+        ttl: float,
+    ) -> None:
+        """A new running saga, in the caller's transaction (``conn``)."""
+
+    async def load(self, saga_id: uuid.UUID) -> SagaRow | None:
+        """A saga, or None."""
+
+    async def statuses(self, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:
+        """(step, direction) -> status for every logged step."""
+
+    async def step_started(
+        self,
+        saga_id: uuid.UUID,
+        owner: str,
+        *,
+        step: str,
+        direction: str,
+        position: int,
+        done: StepDone | None = None,
+    ) -> None:
+        """``step`` is about to run (with ``done``: the step before it succeeded)."""
+
+    async def step_succeeded(
+        self,
+        saga_id: uuid.UUID,
+        owner: str,
+        *,
+        step: str,
+        direction: str,
+        data: Mapping[str, Any],
+    ) -> None:
+        """A step succeeded, with its results."""
+
+    async def attempt_made(
+        self, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, error: str
+    ) -> None:
+        """A failed attempt, counted with its error."""
+
+    async def step_finished(
+        self, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, status: str
+    ) -> None:
+        """A step ended without success: rejected or failed."""
+
+    async def set_status(
+        self, saga_id: uuid.UUID, owner: str, status: str, reason: str | None
+    ) -> str | None:
+        """Move the saga to ``status``; returns the first failure reason."""
+
+    async def finish(
+        self,
+        saga_id: uuid.UUID,
+        owner: str,
+        *,
+        status: str,
+        reason: str | None,
+        done: StepDone | None,
+        on_finish: OnFinish | None,
+    ) -> str | None:
+        """End the saga (with ``done``: its last step's success) and run ``on_finish``, all
+        in one transaction; returns the first failure reason."""
+
+    async def renew_leases(self, owner: str, ttl: float) -> None:
+        """Keep the owner's unfinished sagas."""
+
+    async def claim_orphans(self, owner: str, *, instance: str, ttl: float) -> list[uuid.UUID]:
+        """Take over unfinished sagas whose lease lapsed or whose owner was an earlier run
+        of ``instance``."""
+
+    async def own_unfinished(self, owner: str) -> list[uuid.UUID]:
+        """Unfinished sagas the owner holds."""
+
+    async def reopen(self, conn: Any, saga_id: uuid.UUID, owner: str, ttl: float) -> bool:
+        """A parked saga back to compensating, in the caller's transaction."""
+
+
+class PostgresSagaStore:
+    """The saga store on Postgres: each call one statement on a pooled connection (``finish``
+    one transaction), the SQL in the functions above."""
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool]) -> None:
+        # Called per use: a Database hands out its pool only once migrated.
+        self._pool = pool
+
+    async def insert(
+        self,
+        conn: Any,
+        saga_id: uuid.UUID,
+        name: str,
+        payload: Mapping[str, Any],
+        *,
+        owner: str,
+        ttl: float,
+    ) -> None:
+        await insert_saga(conn, saga_id, name, payload, owner=owner, ttl=ttl)
+
+    async def load(self, saga_id: uuid.UUID) -> SagaRow | None:
+        async with self._pool().acquire() as conn:
+            return await load_saga(conn, saga_id)
+
+    async def statuses(self, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:
+        async with self._pool().acquire() as conn:
+            return await step_statuses(conn, saga_id)
+
+    async def step_started(
+        self,
+        saga_id: uuid.UUID,
+        owner: str,
+        *,
+        step: str,
+        direction: str,
+        position: int,
+        done: StepDone | None = None,
+    ) -> None:
+        async with self._pool().acquire() as conn:
+            if done is None:
+                await step_started(
+                    conn, saga_id, owner, step=step, direction=direction, position=position
+                )
+            else:  # one round trip for the end of one step and the start of the next
+                await step_advanced(
+                    conn,
+                    saga_id,
+                    owner,
+                    done=done.step,
+                    data=done.data,
+                    step=step,
+                    position=position,
+                )
+
+    async def step_succeeded(
+        self,
+        saga_id: uuid.UUID,
+        owner: str,
+        *,
+        step: str,
+        direction: str,
+        data: Mapping[str, Any],
+    ) -> None:
+        async with self._pool().acquire() as conn:
+            await step_succeeded(conn, saga_id, owner, step=step, direction=direction, data=data)
+
+    async def attempt_made(
+        self, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, error: str
+    ) -> None:
+        async with self._pool().acquire() as conn:
+            await attempt_made(conn, saga_id, owner, step=step, direction=direction, error=error)
+
+    async def step_finished(
+        self, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, status: str
+    ) -> None:
+        async with self._pool().acquire() as conn:
+            await step_finished(conn, saga_id, owner, step=step, direction=direction, status=status)
+
+    async def set_status(
+        self, saga_id: uuid.UUID, owner: str, status: str, reason: str | None
+    ) -> str | None:
+        async with self._pool().acquire() as conn:
+            return await set_status(conn, saga_id, owner, status, reason)
+
+    async def finish(
+        self,
+        saga_id: uuid.UUID,
+        owner: str,
+        *,
+        status: str,
+        reason: str | None,
+        done: StepDone | None,
+        on_finish: OnFinish | None,
+    ) -> str | None:
+        async with self._pool().acquire() as conn, conn.transaction():
+            if done is not None:  # the last step's success, committed with the end
+                first = await last_step_and_status(
+                    conn,
+                    saga_id,
+                    owner,
+                    step=done.step,
+                    data=done.data,
+                    status=status,
+                    reason=reason,
+                )
+            else:
+                first = await set_status(conn, saga_id, owner, status, reason)
+            if on_finish is not None:
+                await on_finish(conn, first)
+        return first
+
+    async def renew_leases(self, owner: str, ttl: float) -> None:
+        async with self._pool().acquire() as conn:
+            await renew_leases(conn, owner, ttl)
+
+    async def claim_orphans(self, owner: str, *, instance: str, ttl: float) -> list[uuid.UUID]:
+        async with self._pool().acquire() as conn:
+            return await claim_orphans(conn, owner, instance=instance, ttl=ttl)
+
+    async def own_unfinished(self, owner: str) -> list[uuid.UUID]:
+        async with self._pool().acquire() as conn:
+            return await own_unfinished(conn, owner)
+
+    async def reopen(self, conn: Any, saga_id: uuid.UUID, owner: str, ttl: float) -> bool:
+        return await reopen_parked(conn, saga_id, owner, ttl)
