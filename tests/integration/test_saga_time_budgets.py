@@ -107,7 +107,10 @@ async def test_a_300ms_request_deadline_does_not_bound_the_saga(
         # Answered within the caller's deadline: still running, follow Location.
         assert placed.status_code == 202, placed.text
         order = await wait_terminal(client, placed.headers["Location"])
+        metrics = (await client.get("/metrics")).text
     assert order["status"] == "completed", order
+    # The saga's own series are served with the service's.
+    assert 'sagas_finished_total{saga="place_order",status="completed",step=""} 1.0' in metrics
     steps = {(s["step"], s["direction"]): s for s in order["steps"]}
     assert steps[("charge_payment", "forward")]["attempts"] == 1
     assert participants.calls.count("POST /payments") == 1

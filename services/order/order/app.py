@@ -10,7 +10,7 @@ from typing import ClassVar
 from fastapi import FastAPI
 from ordermesh_shared.bootstrap import ServiceContext, ServiceSpec, Setup, create_service_app
 from ordermesh_shared.config import ServiceSettings
-from ordermesh_shared.saga import SAGA_MIGRATIONS, SagaEngine, SagaPolicy
+from ordermesh_shared.saga import SAGA_MIGRATIONS, SagaEngine, SagaMetrics, SagaPolicy
 from pydantic import Field
 
 from order.api import router
@@ -64,6 +64,7 @@ def _saga_setup(settings: OrderSettings) -> Setup:
             definitions=[definition],
             policy=policy,
             tasks=ctx.tasks,  # its heartbeat and recovery loops show in readiness
+            metrics=SagaMetrics(ctx.metrics.registry),  # served at /metrics
         )
         async with engine:
             admission = SagaAdmission(
