@@ -11,6 +11,8 @@ together mean much. Groups (``--only``):
                  (bench/relay.py)
 * ``failover``   open-breaker rejection, dead instance, relay leader failover, saga recovery
                  (bench/failover.py)
+* ``goodput``    goodput at 2x saturation with load shedding on and off, in-flight sagas at a
+                 sustainable rate (bench/goodput.py)
 
     uv run python -m bench.run                  # everything (~10 min) -> results/latest.json
     uv run python -m bench.run --smoke          # each figure once, briefly -> results/smoke.json
@@ -77,6 +79,12 @@ async def saga_group(smoke: bool) -> list[Figure]:
     from bench import saga
 
     return await saga.measure(smoke=smoke)
+
+
+async def goodput_group(smoke: bool) -> list[Figure]:
+    from bench import goodput
+
+    return await goodput.measure(smoke=smoke)
 
 
 async def failover_group(smoke: bool) -> list[Figure]:
@@ -231,6 +239,7 @@ GROUPS: dict[str, tuple[str, Group]] = {
     "client_cpu": ("client_cpu.py", client_cpu_group),
     "relay": ("relay.py", relay_group),
     "failover": ("failover.py", failover_group),
+    "goodput": ("goodput.py", goodput_group),
 }
 
 
