@@ -3,7 +3,9 @@
 Domain code raises :class:`NotFound` / :class:`Conflict` / :class:`Unavailable`; the handlers
 installed by :func:`install_error_handlers` turn them (and anything unexpected) into JSON.
 A database that is starting up, shutting down or unreachable (see :func:`database_outage`)
-answers 503 with ``Retry-After``; :data:`SHARED_RESPONSES` documents what any route may answer.
+answers 503 with ``Retry-After``; a method the path does not take answers 405 with an ``Allow``
+naming every method the path does take; :data:`SHARED_RESPONSES` documents what any route may
+answer.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from ordermesh_shared.database import DatabaseNotReady
 
@@ -54,6 +59,13 @@ _INVALID_SCHEMA = {
 # Answers any route of any service may give (merged into every route's OpenAPI responses;
 # a route's own description of a status wins).
 SHARED_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {
+        "description": (
+            "The request cannot be read: a JSON body that is not UTF-8, or an `X-Deadline-Ms`"
+            " that is not whole milliseconds."
+        ),
+        "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
+    },
     413: {
         "description": "The request body is larger than MAX_BODY_BYTES; it was not read.",
         "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
@@ -138,6 +150,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(req: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            return _method_not_allowed(req)
+        return await http_exception_handler(req, exc)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> Response:
         return _validation_failed(exc)
@@ -159,6 +177,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
         return _internal_error(req, exc)
+
+
+def _method_not_allowed(req: Request) -> JSONResponse:
+    # Starlette's Allow names the methods of the first route matching the path only, and
+    # FastAPI makes one route per method: OPTIONS /orders said "Allow: POST" though GET
+    # /orders exists. Every route of the path counts.
+    allowed: set[str] = set()
+    for route in req.app.router.routes:
+        methods = getattr(route, "methods", None)
+        if methods and route.matches(req.scope)[0] != Match.NONE:
+            allowed |= methods
+    headers = {"Allow": ", ".join(sorted(allowed))}
+    return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers=headers)
 
 
 def _validation_failed(exc: RequestValidationError) -> Response:

@@ -66,7 +66,13 @@ async def get_product(ctx: Ctx, sku: str = Sku) -> Product:
     summary="Reserve stock for an order (all lines or none); idempotent by key.",
     status_code=201,
     response_model=Reservation,
-    responses=COMMAND_ERRORS,
+    responses={
+        200: {
+            "description": "The order holds a reservation already (made under another key).",
+            "model": Reservation,
+        },
+        **COMMAND_ERRORS,
+    },
 )
 async def reserve(
     body: ReserveRequest, ctx: Ctx, key: IdempotencyKey, request: Request

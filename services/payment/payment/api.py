@@ -83,6 +83,10 @@ async def get_customer(ctx: Ctx, private: SeesBalances, customer_id: str = Custo
     status_code=201,
     response_model=Payment,
     responses={
+        200: {
+            "description": "The order was charged already (under another key): that payment.",
+            "model": Payment,
+        },
         **SERVICE_AUTH_RESPONSES,
         409: {"description": "The order's payment was refunded or voided: a late charge."},
         422: {"description": "Invalid request, unknown customer or insufficient funds."},

@@ -40,6 +40,10 @@ async def list_destinations(ctx: Ctx) -> list[Destination]:
     status_code=201,
     response_model=Shipment,
     responses={
+        200: {
+            "description": "The order has a shipment already (made under another key): that one.",
+            "model": Shipment,
+        },
         **SERVICE_AUTH_RESPONSES,
         409: {"description": "The order's shipment was cancelled: a late create."},
         422: {"description": "Invalid request or unsupported destination."},
