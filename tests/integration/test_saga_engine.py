@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import asyncpg
@@ -17,7 +17,6 @@ from ordermesh_shared.saga import (
     SagaDefinition,
     SagaEngine,
     SagaMetrics,
-    SagaOutcome,
     SagaPolicy,
     Step,
     StepCall,
@@ -26,67 +25,9 @@ from ordermesh_shared.saga import (
 from ordermesh_shared.saga import store as saga_store
 from prometheus_client import CollectorRegistry
 
+from tests.support.sagas import FAST, Trip, World
+
 pytestmark = pytest.mark.integration
-
-FAST = SagaPolicy(
-    forward_deadline=1.0,
-    retry_backoff_max=0.05,
-    compensation_attempts=3,
-    compensation_backoff_max=0.01,
-    lease_ttl=0.6,
-    shutdown_grace=1.0,
-)
-
-
-@dataclass(frozen=True)
-class Trip:
-    city: str
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Trip:
-        return cls(**data)
-
-
-class World:
-    """Participants that log what they were asked to do, with scripted failures."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.keys: list[str] = []
-        self.failures: dict[str, list[Exception]] = {}
-        self.hang: set[str] = set()
-        self.outcomes: list[SagaOutcome] = []
-
-    def step(self, name: str) -> Step[Trip]:
-        async def action(call: StepCall[Trip]) -> dict[str, Any]:
-            return await self._do(name, call)
-
-        async def undo(call: StepCall[Trip]) -> None:
-            await self._do(f"undo-{name}", call)
-
-        return Step(name, action, undo, timeout=0.3)
-
-    async def _do(self, name: str, call: StepCall[Trip]) -> dict[str, Any]:
-        self.calls.append(name)
-        self.keys.append(call.key)
-        if name in self.hang:
-            await asyncio.sleep(3600)
-        queued = self.failures.get(name)
-        if queued:
-            raise queued.pop(0)
-        return {f"{name}_done": call.input.city}
-
-    def definition(self) -> SagaDefinition[Trip]:
-        async def record(_conn: Any, outcome: SagaOutcome) -> None:
-            self.outcomes.append(outcome)
-
-        return SagaDefinition(
-            "trip",
-            steps=(self.step("flight"), self.step("hotel"), self.step("car")),
-            encode=asdict,
-            decode=Trip.from_json,
-            on_finish=record,
-        )
 
 
 @pytest.fixture
@@ -381,19 +322,6 @@ async def test_loops_fed_interface_errors_live_on_and_resume_a_stranded_saga(
     assert world.calls == ["flight", "hotel", "car"]
 
 
-def _with_pivot(world: World, *, pivot: str = "hotel") -> SagaDefinition[Trip]:
-    """flight -> hotel (the pivot) -> car, which comes after it and so has no undo."""
-    car = replace(world.step("car"), compensation=None)
-    return SagaDefinition(
-        "trip",
-        steps=(world.step("flight"), world.step("hotel"), car),
-        encode=asdict,
-        decode=Trip.from_json,
-        on_finish=world.definition().on_finish,
-        pivot=pivot,
-    )
-
-
 async def test_a_step_after_the_pivot_is_retried_past_the_deadline_until_it_succeeds(
     pool: asyncpg.Pool,
 ) -> None:
@@ -401,7 +329,7 @@ async def test_a_step_after_the_pivot_is_retried_past_the_deadline_until_it_succ
     after it the saga keeps going forward and completes; nothing is undone."""
     world = World()
     world.hang.add("car")
-    definition = _with_pivot(world)
+    definition = world.with_pivot()
     async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
         saga_id = await start(engine, pool, definition)
         await asyncio.sleep(FAST.forward_deadline * 1.5)
@@ -421,7 +349,7 @@ async def test_a_step_after_the_pivot_is_retried_past_the_deadline_until_it_succ
 async def test_a_refusal_after_the_pivot_is_retried_not_compensated(pool: asyncpg.Pool) -> None:
     world = World()
     world.failures["car"] = [StepFailed("not_yet", "try again")] * 3
-    definition = _with_pivot(world)
+    definition = world.with_pivot()
     async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
         saga_id = await start(engine, pool, definition)
         assert await engine.wait(saga_id, timeout=10)
@@ -432,7 +360,7 @@ async def test_a_refusal_after_the_pivot_is_retried_not_compensated(pool: asyncp
 async def test_the_pivot_itself_still_compensates_when_refused(pool: asyncpg.Pool) -> None:
     world = World()
     world.failures["hotel"] = [StepFailed("full", "no rooms")]
-    definition = _with_pivot(world)
+    definition = world.with_pivot()
     async with SagaEngine(pool, owner="t1", definitions=[definition], policy=FAST) as engine:
         saga_id = await start(engine, pool, definition)
         assert await engine.wait(saga_id, timeout=5)
@@ -507,7 +435,7 @@ async def test_a_step_stuck_after_the_pivot_shows_until_it_goes_through(
     registry = CollectorRegistry()
     world = World()
     world.failures["car"] = [ConnectionError("down")] * 12
-    definition = _with_pivot(world)
+    definition = world.with_pivot()
     policy = replace(FAST, alert_after_attempts=2, forward_backoff_max=0.02)
     engine = SagaEngine(
         pool, owner="t1", definitions=[definition], policy=policy, metrics=SagaMetrics(registry)
