@@ -86,6 +86,13 @@ SHARED_RESPONSES: dict[int | str, dict[str, object]] = {
         "headers": _RETRY_AFTER,
         "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
     },
+    504: {
+        "description": (
+            "The caller's `X-Deadline-Ms` passed: on arrival (nothing was done) or while"
+            " serving (the work was cancelled)."
+        ),
+        "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
+    },
 }
 # SQLSTATE classes of a server that is going away or full: connection exception, insufficient
 # resources, operator intervention (starting up, shutting down, terminated).
