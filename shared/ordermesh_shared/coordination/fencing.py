@@ -10,12 +10,16 @@ the resource has seen and refuses older ones.
         await mark_published(conn, ids)
 
 Use one lock or election name per resource (tokens of different names are not comparable).
+Tokens only ever grow, unless an operator re-bases a fence with :func:`rebase_fence` after
+etcd lost its data (its revisions start again at 1, below every token Postgres has seen).
 :func:`fence` locks the resource's row until the transaction ends, serialising all fenced
 writers of that resource: keep fenced transactions short, and set
 ``idle_in_transaction_session_timeout`` so a frozen writer cannot hold the row for long.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ordermesh_shared.coordination.errors import StaleToken
 from ordermesh_shared.database import DbConn
@@ -29,6 +33,24 @@ ON CONFLICT (resource) DO UPDATE SET token = EXCLUDED.token, updated_at = now()
 RETURNING token
 """
 _CURRENT = "SELECT token FROM fencing_tokens WHERE resource = $1"
+# FOR UPDATE: fenced writers wait until the re-base commits, then see the new token.
+_RECORD = """
+SELECT token, extract(epoch FROM now() - updated_at)::float8 AS idle
+FROM fencing_tokens WHERE resource = $1 FOR UPDATE
+"""
+_REBASE = """
+UPDATE fencing_tokens SET token = $2, updated_at = now()
+WHERE resource = $1 AND token = $3
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FenceRecord:
+    """A resource's fence: the highest token accepted, and seconds since a write carrying it
+    was last accepted (an accepted write with an equal token refreshes that time)."""
+
+    token: int
+    idle_seconds: float
 
 
 async def fence(conn: DbConn, *, resource: str, token: int) -> None:
@@ -53,6 +75,23 @@ async def current_token(conn: DbConn, *, resource: str) -> int | None:
     """The highest token ``resource`` has accepted, or None if it has never been fenced."""
     value = await conn.fetchval(_CURRENT, resource)
     return None if value is None else int(value)
+
+
+async def fence_record(conn: DbConn, *, resource: str) -> FenceRecord | None:
+    """The resource's fence, its row locked until the transaction ends (None: never fenced)."""
+    row = await conn.fetchrow(_RECORD, resource)
+    return None if row is None else FenceRecord(int(row["token"]), float(row["idle"]))
+
+
+async def rebase_fence(conn: DbConn, *, resource: str, token: int, expected: int) -> bool:
+    """Set the fence of ``resource`` to ``token`` (usually lower) if it is still ``expected``.
+
+    Only for an operator's repair after etcd lost its data: every holder of a token above
+    ``token`` is let in again, so the caller must have made sure none is alive. False when
+    the stored token is no longer ``expected`` (nothing changed).
+    """
+    _check(resource, token)
+    return str(await conn.execute(_REBASE, resource, token, expected)) == "UPDATE 1"
 
 
 def _check(resource: str, token: int) -> None:

@@ -56,6 +56,12 @@ class OutboxMetrics:
             "Batches whose marks were rejected because a newer relay leader holds the fence.",
             registry=registry,
         )
+        self.fenced_out = Gauge(
+            "outbox_relay_fenced_out",
+            "1 while this instance leads the relay election but the fence refuses its term"
+            " (etcd lost its data? /health/ready says what to do).",
+            registry=registry,
+        )
         self.batch_seconds = Histogram(
             "outbox_relay_batch_seconds",
             "Time to claim, publish and mark one batch.",

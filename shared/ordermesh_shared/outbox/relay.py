@@ -48,6 +48,7 @@ from ordermesh_shared.messaging.failures import ConnectionSource, is_transient
 from ordermesh_shared.messaging.topology import Topology
 from ordermesh_shared.outbox.metrics import OutboxMetrics
 from ordermesh_shared.outbox.publisher import BatchOutcome, EventPublisher, describe
+from ordermesh_shared.outbox.status import RelayStatus
 from ordermesh_shared.outbox.store import (
     NOTIFY_CHANNEL,
     Backoff,
@@ -67,7 +68,15 @@ _PRUNE_ROUNDS = 100  # DELETEs per prune, at most (500,000 rows per prune_interv
 
 
 class FencedOut(Exception):
-    """A newer relay leader has written to the outbox: this one must stop (raised by ``Fence``)."""
+    """A newer relay leader has written to the outbox: this one must stop (raised by ``Fence``).
+
+    ``token`` is the refused term's, ``current`` the newer one the fence holds (when known).
+    """
+
+    def __init__(self, message: str, *, token: int | None = None, current: int | None = None):
+        super().__init__(message)
+        self.token = token
+        self.current = current
 
 
 class LeaderTerm(Protocol):
@@ -170,6 +179,7 @@ class OutboxRelay:
     ) -> None:
         self.service = service
         self.settings = settings or RelaySettings()
+        self.status = RelayStatus(service)  # for /health/ready and the admin API
         self._db = db
         self._fence = fence
         self._metrics = metrics
@@ -320,8 +330,10 @@ class OutboxRelay:
             async with self._wakeups() as wakeup:
                 await self._relay_until_lost(term, wakeup)
         finally:
+            self.status.standby()
             if self._metrics is not None:
                 self._metrics.leader.set(0)
+                self._metrics.fenced_out.set(0)
 
     async def _relay_until_lost(self, term: LeaderTerm, wakeup: asyncio.Event) -> None:
         if not await self._fence_in(term):
@@ -342,21 +354,41 @@ class OutboxRelay:
             self._wakeup = None
 
     async def _fence_in(self, term: LeaderTerm) -> bool:
-        """Record our token before the first batch; False if a newer leader exists."""
+        """Record our token before the first batch; False if the term ended first.
+
+        A refused term is kept, and the fence asked again every poll interval. Stepping down
+        would not help: a stale leader's lease is gone (``term.lost`` ends it), so a live
+        term that is refused means etcd's revisions went backwards (etcd lost its data), and
+        every contender would be refused alike. Holding on keeps this instance reporting it
+        (``status``, readiness) and relaying within a poll interval of an operator's
+        re-base of the fence.
+        """
         trouble = 0
+        refused = False
         while not term.lost.is_set():
             try:
                 await self.claim_fence(term.token)
-                return True
             except FencedOut as exc:
-                self._fenced(term, exc)
-                return False
+                self._fenced(term, exc, first=not refused)
+                refused = True
+                await _wait(term.lost, self.settings.poll_interval)
+                continue
             except Exception as exc:
                 if not is_transient(exc):
                     raise
                 trouble += 1
                 await self._back_off(trouble, exc)
+                continue
+            self._fenced_in(term, after_refusal=refused)
+            return True
         return False
+
+    def _fenced_in(self, term: LeaderTerm, *, after_refusal: bool) -> None:
+        if after_refusal:
+            log.warning("outbox.relay_fence_accepted", service=self.service, token=term.token)
+        self.status.leading(term_token=term.token)
+        if self._metrics is not None:
+            self._metrics.fenced_out.set(0)
 
     async def _work(self, term: LeaderTerm, turn: asyncio.Lock, ended: asyncio.Event) -> None:
         """One pipeline worker: take the turn, wait for work, claim, pass the turn on, then
@@ -398,10 +430,14 @@ class OutboxRelay:
             await _wait(wakeup, self._idle_wait())
         return not ended.is_set()
 
-    def _fenced(self, term: LeaderTerm, exc: FencedOut) -> None:
-        log.warning("outbox.relay_fenced", token=term.token, error=str(exc))
+    def _fenced(self, term: LeaderTerm, exc: FencedOut, *, first: bool = True) -> None:
+        self.status.fenced_out(term_token=term.token, stored_token=exc.current)
+        if not first:
+            return  # the same term, asking again: said and counted once
+        log.warning("outbox.relay_fenced", token=term.token, stored=exc.current, error=str(exc))
         if self._metrics is not None:
             self._metrics.fenced.inc()
+            self._metrics.fenced_out.set(1)
 
     def _wake(self) -> None:
         if self._wakeup is not None:

@@ -1,7 +1,9 @@
 """What a service runs for its outbox, started by the shared bootstrap.
 
-Every instance: the lag monitor (metrics, ``/health/ready`` details) and the admin endpoints.
-The relay, by ``settings.outbox_relay``:
+Every instance: the lag monitor (metrics, ``/health/ready`` details) and the admin endpoints
+(quarantine; the fence, re-based by ``ordermesh-outbox rebase-fence`` after etcd lost its
+data). The relay, by ``settings.outbox_relay``, with its state in ``/health/ready`` (check and
+detail ``outbox_relay``: ``standby``, ``leading`` or ``fenced_out``):
 
 * ``elected`` (default) — every instance campaigns in the etcd election
   ``/ordermesh/elections/outbox-relay/<service>``; the leader relays, and its marks are fenced
@@ -24,8 +26,9 @@ from fastapi import FastAPI
 from ordermesh_shared.coordination import Election, StaleToken, fence
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.etcd import EtcdClient
-from ordermesh_shared.outbox.admin import outbox_admin_router
+from ordermesh_shared.outbox.admin import fence_admin_router, outbox_admin_router
 from ordermesh_shared.outbox.metrics import OutboxMetrics, OutboxMonitor
+from ordermesh_shared.outbox.rebase import RelayFence
 from ordermesh_shared.outbox.relay import Fence, FencedOut, OutboxRelay, SoleLeader, no_fence
 
 if TYPE_CHECKING:
@@ -36,6 +39,9 @@ log = structlog.get_logger(__name__)
 RelayMode = Literal["elected", "standalone", "off"]
 # The relay leader's lease: failover takes about this long (measured 1.9-2.1 s with 2.0).
 ELECTION_TTL = 2.0
+# A re-base waits until the stored token was last accepted this long ago: a relay of a wiped
+# etcd loses its lease (and stops) within one TTL; one still publishing refreshes the token.
+REBASE_QUIET = 3 * ELECTION_TTL
 
 
 def relay_mode(settings: object) -> RelayMode:
@@ -51,15 +57,25 @@ def election_name(service: str) -> str:
     return f"/ordermesh/elections/outbox-relay/{service}"
 
 
+def fence_resource(service: str) -> str:
+    """The relay's row in ``fencing_tokens``."""
+    return f"outbox-relay/{service}"
+
+
+def relay_site(service: str, etcd_url: str) -> RelayFence:
+    """Where ``service``'s relay fence lives (for the admin API's re-base)."""
+    return RelayFence(service, fence_resource(service), election_name(service), etcd_url)
+
+
 def relay_fence(service: str) -> Fence:
     """Fence marks with the election token; a stale leader gets :class:`FencedOut`."""
-    resource = f"outbox-relay/{service}"
+    resource = fence_resource(service)
 
     async def check(conn: DbConn, token: int) -> None:
         try:
             await fence(conn, resource=resource, token=token)
         except StaleToken as exc:
-            raise FencedOut(str(exc)) from exc
+            raise FencedOut(str(exc), token=exc.token, current=exc.current) from exc
 
     return check
 
@@ -81,10 +97,19 @@ def install_outbox(app: FastAPI, ctx: ServiceContext) -> None:
     mode = relay_mode(ctx.settings)
     service = ctx.instance.service
     log.info("outbox.relay_mode", mode=mode)
-    if mode == "off":
+    site = None if mode == "standalone" else relay_site(service, ctx.settings.etcd_url)
+    if mode == "off":  # another process relays (its fence can still be looked at here)
+        app.include_router(fence_admin_router(site, status=None, quiet=REBASE_QUIET))
         return
     fenced = relay_fence(service) if mode == "elected" else no_fence
     relay = OutboxRelay(ctx.db, ctx.broker, service=service, fence=fenced, metrics=metrics)
+    app.include_router(fence_admin_router(site, status=relay.status, quiet=REBASE_QUIET))
+    # Advisory: a relay fenced out (etcd lost its data) makes the status "degraded" and says
+    # what to do, but the instance stays ready and registered. Its HTTP work does not need
+    # the relay (events wait in the outbox), and every instance is fenced out alike: taking
+    # them out of the registry would turn a stalled event stream into a full outage.
+    ctx.health.add_check("outbox_relay", relay.status.check, critical=False)
+    ctx.health.add_detail("outbox_relay", relay.status.as_json)
     if mode == "standalone":
         ctx.tasks.supervise(lambda: relay.run(SoleLeader()), name="outbox-relay")
         return
