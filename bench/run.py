@@ -14,7 +14,7 @@ together mean much. Groups (``--only``):
 * ``goodput``    goodput at 2x saturation with load shedding on and off, in-flight sagas at a
                  sustainable rate (bench/goodput.py)
 
-    uv run python -m bench.run                  # everything (~10 min) -> results/latest.json
+    uv run python -m bench.run                  # everything (~15 min) -> results/latest.json
     uv run python -m bench.run --smoke          # each figure once, briefly -> results/smoke.json
     uv run python -m bench.run --only failover  # one group -> results/failover.json
 """
