@@ -19,9 +19,12 @@ import pytest
 from inventory.app import SPEC, InventorySettings
 from ordermesh_deploy import outbox_admin
 from ordermesh_shared.bootstrap import ServiceContext
-from ordermesh_shared.coordination import StaleToken, current_token, fence
+from ordermesh_shared.broker import Broker
+from ordermesh_shared.coordination import Election, StaleToken, current_token, fence
+from ordermesh_shared.database import SHARED_MIGRATIONS, Database
 from ordermesh_shared.etcd import EtcdClient
 from ordermesh_shared.outbox import add_event, wiring
+from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings
 
 from tests.support.apps import anonymous, context_of, running, wait_ready
 from tests.support.etcd import EtcdServer
@@ -204,6 +207,39 @@ async def test_rebase_needs_the_confirmation_and_the_admin_token(
         shown = (await client.get("/admin/outbox/fence", headers=ADMIN)).json()
         assert shown["etcd_behind"] is False
         assert shown["relay_here"]["state"] == "leading"
+
+
+async def test_a_refused_leader_steps_down_in_the_end_and_a_later_term_gets_in(
+    fresh_database: str, broker: Broker, etcd_server: EtcdServer
+) -> None:
+    """Without a re-base the old way out stays open: etcd's revision grows with every term,
+    and once a new term's token passes the stored one it is let in."""
+    settings = RelaySettings(poll_interval=0.1, fenced_hold=0.3, error_backoff_max=0.3)
+    async with Database(fresh_database, max_size=4) as db, EtcdClient(etcd_server.url) as etcd:
+        await db.migrate(SHARED_MIGRATIONS)
+        _, revision = await etcd.get_prefix("/")
+        async with db.pool.acquire() as conn, conn.transaction():
+            await fence(conn, resource="outbox-relay/shop", token=revision + 6)
+        relay = OutboxRelay(
+            db, broker, service="shop", fence=wiring.relay_fence("shop"), settings=settings
+        )
+        election = Election(etcd, wiring.election_name("shop"), ttl=1.0, value="test")
+        refused: set[int] = set()
+
+        async def leading() -> bool:
+            snapshot = await relay.status.as_json()
+            if snapshot["state"] == "fenced_out":
+                refused.add(snapshot["term_token"])
+            return bool(snapshot["state"] == "leading")
+
+        task = asyncio.create_task(relay.run(election))
+        try:
+            await eventually(leading, within=20)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert len(refused) >= 2  # terms were refused, each stepped down for a new token
+        assert relay.status.state == "standby"  # cancelled: no longer leading
 
 
 def test_cli_needs_a_service_and_asks_its_instances_in_order() -> None:

@@ -143,6 +143,9 @@ class RelaySettings:
     error_backoff_max: float = 5.0  # while the database or broker is down
     prune_after: float = 7 * 24 * 3600.0  # keep published rows this long (for audits)
     prune_interval: float = 600.0
+    # A leader refused at the fence when its term starts keeps the term this long (asking
+    # again every poll_interval), then steps down: a new term has a new token.
+    fenced_hold: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,21 +359,24 @@ class OutboxRelay:
     async def _fence_in(self, term: LeaderTerm) -> bool:
         """Record our token before the first batch; False if the term ended first.
 
-        A refused term is kept, and the fence asked again every poll interval. Stepping down
-        would not help: a stale leader's lease is gone (``term.lost`` ends it), so a live
-        term that is refused means etcd's revisions went backwards (etcd lost its data), and
-        every contender would be refused alike. Holding on keeps this instance reporting it
-        (``status``, readiness) and relaying within a poll interval of an operator's
-        re-base of the fence.
+        A refused term is kept for ``fenced_hold``, the fence asked again every poll
+        interval. Stepping down at once would not help: a stale leader's lease is gone
+        (``term.lost`` ends it), so a live term that is refused means etcd's revisions went
+        backwards (etcd lost its data), and every contender would be refused alike. Holding
+        on keeps this instance reporting it (``status``, readiness) and relaying within a
+        poll interval of an operator's re-base. It does step down in the end: a new term's
+        token may have passed the fence by then (etcd's revision keeps growing).
         """
         trouble = 0
-        refused = False
+        refused_at: float | None = None
         while not term.lost.is_set():
             try:
                 await self.claim_fence(term.token)
             except FencedOut as exc:
-                self._fenced(term, exc, first=not refused)
-                refused = True
+                self._fenced(term, exc, first=refused_at is None)
+                refused_at = time.monotonic() if refused_at is None else refused_at
+                if time.monotonic() - refused_at >= self.settings.fenced_hold:
+                    return False
                 await _wait(term.lost, self.settings.poll_interval)
                 continue
             except Exception as exc:
@@ -379,7 +385,7 @@ class OutboxRelay:
                 trouble += 1
                 await self._back_off(trouble, exc)
                 continue
-            self._fenced_in(term, after_refusal=refused)
+            self._fenced_in(term, after_refusal=refused_at is not None)
             return True
         return False
 
