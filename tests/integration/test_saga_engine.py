@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -25,7 +25,7 @@ from ordermesh_shared.saga import (
 from ordermesh_shared.saga import store as saga_store
 from prometheus_client import CollectorRegistry
 
-from tests.support.sagas import FAST, Trip, World
+from tests.support.sagas import FAST, PRICE, Booked, Trip, World
 
 pytestmark = pytest.mark.integration
 
@@ -61,10 +61,8 @@ async def test_happy_path_runs_every_step_once_with_stable_keys(pool: asyncpg.Po
     assert world.calls == ["flight", "hotel", "car"]
     assert world.keys == [f"{saga_id}:flight", f"{saga_id}:hotel", f"{saga_id}:car"]
     assert await saga_status(pool, saga_id) == ("completed", None)
-    assert world.outcomes[0].data == {
-        "flight_done": "Lisbon",
-        "hotel_done": "Lisbon",
-        "car_done": "Lisbon",
+    assert world.outcomes[0].results.by_step() == {
+        name: Booked(name, "Lisbon", PRICE) for name in ("flight", "hotel", "car")
     }
 
 
@@ -253,7 +251,7 @@ async def test_steps_and_undos_run_on_their_own_budgets_not_the_launchers(
 
 
 def _recording_budget(step: Step[Trip], budgets: dict[str, float | None]) -> Step[Trip]:
-    async def action(call: StepCall[Trip]) -> Mapping[str, Any] | None:
+    async def action(call: StepCall[Trip]) -> object:
         budgets[step.name] = remaining()
         return await step.action(call)
 
@@ -262,7 +260,7 @@ def _recording_budget(step: Step[Trip], budgets: dict[str, float | None]) -> Ste
         assert step.compensation is not None
         await step.compensation(call)
 
-    return Step(step.name, action, undo, timeout=step.timeout)
+    return replace(step, action=action, compensation=undo)
 
 
 class FlakyPool:

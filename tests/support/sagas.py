@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 from ordermesh_shared.saga import SagaDefinition, SagaOutcome, SagaPolicy, Step, StepCall
+
+PRICE = Decimal("12.50")
 
 FAST = SagaPolicy(
     forward_deadline=1.0,
@@ -18,6 +21,15 @@ FAST = SagaPolicy(
     lease_ttl=0.6,
     shutdown_grace=1.0,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Booked:
+    """What each step of the trip returns (typed, with money as Decimal)."""
+
+    what: str
+    city: str
+    price: Decimal
 
 
 @dataclass(frozen=True)
@@ -38,17 +50,20 @@ class World:
         self.failures: dict[str, list[Exception]] = {}
         self.hang: set[str] = set()
         self.outcomes: list[SagaOutcome] = []
+        self.seen: dict[str, dict[str, object]] = {}  # step -> earlier results it was given
 
     def step(self, name: str) -> Step[Trip]:
-        async def action(call: StepCall[Trip]) -> dict[str, Any]:
-            return await self._do(name, call)
+        async def action(call: StepCall[Trip]) -> Booked:
+            self.seen[name] = call.results.by_step()
+            await self._do(name, call)
+            return Booked(name, call.input.city, PRICE)
 
         async def undo(call: StepCall[Trip]) -> None:
             await self._do(f"undo-{name}", call)
 
-        return Step(name, action, undo, timeout=0.3)
+        return Step(name, action, undo, timeout=0.3, result=Booked)
 
-    async def _do(self, name: str, call: StepCall[Trip]) -> dict[str, Any]:
+    async def _do(self, name: str, call: StepCall[Trip]) -> None:
         self.calls.append(name)
         self.keys.append(call.key)
         if name in self.hang:
@@ -56,7 +71,6 @@ class World:
         queued = self.failures.get(name)
         if queued:
             raise queued.pop(0)
-        return {f"{name}_done": call.input.city}
 
     def definition(self) -> SagaDefinition[Trip]:
         async def record(_conn: Any, outcome: SagaOutcome) -> None:

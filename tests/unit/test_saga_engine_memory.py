@@ -14,7 +14,7 @@ import pytest
 from ordermesh_shared.saga import SagaDefinition, SagaEngine, StepFailed
 from ordermesh_shared.saga.memory import InMemorySagaStore
 
-from tests.support.sagas import FAST, Trip, World
+from tests.support.sagas import FAST, PRICE, Booked, Trip, World
 
 
 async def start(engine: SagaEngine, definition: SagaDefinition[Trip]) -> uuid.UUID:
@@ -59,10 +59,8 @@ async def test_results_of_each_step_reach_the_outcome_as_stored() -> None:
     store = await run_one(world, world.definition())
     (saga_id,) = store.sagas
     assert status(store, saga_id) == ("completed", None)
-    assert world.outcomes[-1].data == {
-        "flight_done": "Lisbon",
-        "hotel_done": "Lisbon",
-        "car_done": "Lisbon",
+    assert world.outcomes[-1].results.by_step() == {
+        name: Booked(name, "Lisbon", PRICE) for name in ("flight", "hotel", "car")
     }
     assert all(entry.attempts == 1 for entry in store.log(saga_id).values())
 
@@ -147,3 +145,21 @@ async def test_a_crash_at_any_step_is_resumed_by_another_owner_with_the_same_key
     assert all(world.calls.count(call) <= 2 for call in world.calls)
     sent = [key for key in world.keys if key.startswith(f"{saga_id}:")]
     assert len(sent) == len(world.keys)  # every call carried this saga's stable key
+    if crash_in == "car":  # resumed elsewhere: earlier results come back typed, from storage
+        booked = {name: Booked(name, "Lisbon", PRICE) for name in ("flight", "hotel")}
+        assert world.seen["car"] == booked
+
+
+async def test_each_step_gets_the_typed_results_of_the_steps_before_it() -> None:
+    world = World()
+    await run_one(world, world.definition())
+    assert world.seen["flight"] == {}
+    assert world.seen["hotel"] == {"flight": Booked("flight", "Lisbon", PRICE)}
+    assert isinstance(world.seen["car"]["hotel"], Booked)
+
+
+def test_a_step_returning_another_type_than_it_declares_is_a_bug() -> None:
+    world = World()
+    definition = world.definition()
+    with pytest.raises(TypeError, match="returned a dict, not a Booked"):
+        definition.encode_result(definition.steps[0], {"price": "12.50"})

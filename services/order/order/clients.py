@@ -12,10 +12,11 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from decimal import Decimal
-from typing import Any
 
 from ordermesh_shared.resilience import ServiceClient, UpstreamRejected
 from ordermesh_shared.saga import StepFailed
+
+from order.domain import Charged, Line, Reserved, Shipped
 
 
 @asynccontextmanager
@@ -37,17 +38,18 @@ class OrderClients:
         self._clients = clients
 
     async def reserve_stock(
-        self, order_id: uuid.UUID, items: tuple[tuple[str, int], ...], *, key: str
-    ) -> dict[str, Any]:
+        self, order_id: uuid.UUID, lines: tuple[Line, ...], *, key: str
+    ) -> Reserved:
         """Reserve every line; returns the total and the unit prices."""
-        body = {"order_id": str(order_id), "items": [{"sku": s, "quantity": q} for s, q in items]}
+        items = [{"sku": line.sku, "quantity": line.quantity} for line in lines]
+        body = {"order_id": str(order_id), "items": items}
         async with business_errors("reserve_stock"):
             answer = await self._clients.inventory.post(
                 "/reservations", json=body, idempotency_key=key
             )
         reservation = answer.json()
-        prices = {line["sku"]: line["unit_price"] for line in reservation["items"]}
-        return {"total": reservation["total"], "prices": prices}
+        prices = {line["sku"]: Decimal(line["unit_price"]) for line in reservation["items"]}
+        return Reserved(total=Decimal(reservation["total"]), prices=prices)
 
     async def release_stock(self, order_id: uuid.UUID, *, key: str) -> None:
         """Give the order's units back (compensation)."""
@@ -65,24 +67,24 @@ class OrderClients:
 
     async def charge(
         self, order_id: uuid.UUID, customer_id: str, amount: Decimal, *, key: str
-    ) -> dict[str, Any]:
+    ) -> Charged:
         """Charge the customer; returns the payment id."""
         body = {"order_id": str(order_id), "customer_id": customer_id, "amount": str(amount)}
         async with business_errors("charge_payment"):
             answer = await self._clients.payment.post("/payments", json=body, idempotency_key=key)
-        return {"payment_id": answer.json()["id"]}
+        return Charged(uuid.UUID(answer.json()["id"]))
 
     async def refund(self, order_id: uuid.UUID, *, key: str) -> None:
         """Refund the order's charge (compensation)."""
         async with business_errors("refund"):
             await self._clients.payment.post(f"/payments/{order_id}/refund", idempotency_key=key)
 
-    async def ship(self, order_id: uuid.UUID, destination: str, *, key: str) -> dict[str, Any]:
+    async def ship(self, order_id: uuid.UUID, destination: str, *, key: str) -> Shipped:
         """Create the shipment; returns its id."""
         body = {"order_id": str(order_id), "destination": destination}
         async with business_errors("create_shipment"):
             answer = await self._clients.shipping.post("/shipments", json=body, idempotency_key=key)
-        return {"shipment_id": answer.json()["id"]}
+        return Shipped(uuid.UUID(answer.json()["id"]))
 
     async def cancel_shipment(self, order_id: uuid.UUID, *, key: str) -> None:
         """Cancel the order's shipment (compensation)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 OrderStatus = Literal["pending", "completed", "cancelled", "compensation_failed"]
 TERMINAL_STATUSES = ("completed", "cancelled", "compensation_failed")
@@ -58,35 +60,66 @@ class PlaceOrderRequest(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class Line:
+    """One product and how many units: the one shape an order line keeps from the request
+    to inventory's reservation."""
+
+    sku: str
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
 class PlaceOrder:
     """The place-order saga's one input."""
 
     order_id: uuid.UUID
     customer_id: str
-    items: tuple[tuple[str, int], ...]  # (sku, quantity)
+    lines: tuple[Line, ...]
     destination: str
 
     @classmethod
     def from_request(cls, order_id: uuid.UUID, request: PlaceOrderRequest) -> PlaceOrder:
         """The saga input for a validated request."""
-        items = tuple((line.sku, line.quantity) for line in request.items)
-        return cls(order_id, request.customer_id, items, request.destination)
+        lines = tuple(Line(line.sku, line.quantity) for line in request.items)
+        return cls(order_id, request.customer_id, lines, request.destination)
 
     def to_json(self) -> dict[str, Any]:
         """JSON form stored in the saga row."""
-        return {
-            "order_id": str(self.order_id),
-            "customer_id": self.customer_id,
-            "items": [list(item) for item in self.items],
-            "destination": self.destination,
-        }
+        stored: dict[str, Any] = _adapter(PlaceOrder).dump_python(self, mode="json")
+        return stored
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PlaceOrder:
         """Back from :meth:`to_json`."""
-        return cls(
-            uuid.UUID(data["order_id"]),
-            data["customer_id"],
-            tuple((sku, int(qty)) for sku, qty in data["items"]),
-            data["destination"],
-        )
+        order: PlaceOrder = _adapter(PlaceOrder).validate_python(data)
+        return order
+
+
+# What each step of the saga returns: typed, money as Decimal, kept across a handover.
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """reserve_stock's result: what inventory took, at the prices it took it at."""
+
+    total: Decimal
+    prices: Mapping[str, Decimal]  # SKU -> unit price
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """charge_payment's result."""
+
+    payment_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Shipped:
+    """create_shipment's result."""
+
+    shipment_id: uuid.UUID
+
+
+@functools.cache
+def _adapter(kind: type[PlaceOrder]) -> TypeAdapter[PlaceOrder]:
+    return TypeAdapter(kind)  # built on first use, not at import

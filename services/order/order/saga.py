@@ -13,15 +13,12 @@ so the order would be parked).
 
 from __future__ import annotations
 
-from decimal import Decimal
-from typing import Any
-
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.saga import SagaDefinition, SagaOutcome, Step, StepCall
 
 from order import store
 from order.clients import OrderClients
-from order.domain import PlaceOrder
+from order.domain import Charged, PlaceOrder, Reserved, Shipped
 
 SAGA_NAME = "place_order"
 
@@ -31,21 +28,21 @@ def place_order_saga(
 ) -> SagaDefinition[PlaceOrder]:
     """The saga definition, bound to the participants' clients."""
 
-    async def reserve(call: StepCall[PlaceOrder]) -> dict[str, Any]:
-        return await participants.reserve_stock(call.input.order_id, call.input.items, key=call.key)
+    async def reserve(call: StepCall[PlaceOrder]) -> Reserved:
+        return await participants.reserve_stock(call.input.order_id, call.input.lines, key=call.key)
 
     async def release(call: StepCall[PlaceOrder]) -> None:
         await participants.release_stock(call.input.order_id, key=call.key)
 
-    async def charge(call: StepCall[PlaceOrder]) -> dict[str, Any]:
-        amount = Decimal(str(call.data["total"]))
+    async def charge(call: StepCall[PlaceOrder]) -> Charged:
+        amount = call.results.get(Reserved).total
         order = call.input
         return await participants.charge(order.order_id, order.customer_id, amount, key=call.key)
 
     async def refund(call: StepCall[PlaceOrder]) -> None:
         await participants.refund(call.input.order_id, key=call.key)
 
-    async def ship(call: StepCall[PlaceOrder]) -> dict[str, Any]:
+    async def ship(call: StepCall[PlaceOrder]) -> Shipped:
         return await participants.ship(call.input.order_id, call.input.destination, key=call.key)
 
     async def cancel_shipment(call: StepCall[PlaceOrder]) -> None:
@@ -57,9 +54,9 @@ def place_order_saga(
     return SagaDefinition(
         SAGA_NAME,
         steps=(
-            Step("reserve_stock", reserve, release, timeout=step_timeout),
-            Step("charge_payment", charge, refund, timeout=step_timeout),
-            Step("create_shipment", ship, cancel_shipment, timeout=step_timeout),
+            Step("reserve_stock", reserve, release, timeout=step_timeout, result=Reserved),
+            Step("charge_payment", charge, refund, timeout=step_timeout, result=Charged),
+            Step("create_shipment", ship, cancel_shipment, timeout=step_timeout, result=Shipped),
             Step("commit_stock", commit, None, timeout=step_timeout),
         ),
         encode=PlaceOrder.to_json,
@@ -72,13 +69,13 @@ def place_order_saga(
 async def record_outcome(conn: DbConn, outcome: SagaOutcome) -> None:
     """The order takes the saga's end state, in the transaction that records it."""
     status = "pending" if outcome.status in ("running", "compensating") else outcome.status
-    total = outcome.data.get("total")
+    reserved = outcome.results.find(Reserved)  # None when stock was never reserved
     await store.finish_order(
         conn,
         outcome.saga_id,
         status=status,
-        total=Decimal(str(total)) if total is not None else None,
+        total=reserved.total if reserved else None,
         reason=outcome.reason,
-        prices=outcome.data.get("prices", {}),
+        prices=reserved.prices if reserved else {},
     )
     await store.order_event(conn, outcome.saga_id, status, {"reason": outcome.reason})

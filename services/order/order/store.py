@@ -123,7 +123,7 @@ async def finish_order(
     status: str,
     total: Decimal | None,
     reason: str | None,
-    prices: Mapping[str, Any],
+    prices: Mapping[str, Decimal],
 ) -> None:
     """Record the saga's outcome on the order and the unit prices on its lines."""
     await conn.execute(
@@ -137,7 +137,7 @@ async def finish_order(
         total,
         reason if status != "completed" else None,
         list(prices),
-        [Decimal(str(price)) for price in prices.values()],
+        list(prices.values()),
     )
 
 

@@ -10,6 +10,7 @@ from ordermesh_shared.saga.definition import (
     Step,
     StepCall,
     StepFailed,
+    StepResults,
 )
 from ordermesh_shared.saga.engine import SagaEngine
 from ordermesh_shared.saga.metrics import SagaMetrics
@@ -26,4 +27,5 @@ __all__ = [
     "Step",
     "StepCall",
     "StepFailed",
+    "StepResults",
 ]

@@ -7,9 +7,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from pydantic import TypeAdapter
+
 from ordermesh_shared.database import DbConn
 
 InputT = TypeVar("InputT")
+ResultT = TypeVar("ResultT")
 
 SagaStatus = str  # running | compensating | completed | cancelled | compensation_failed
 TERMINAL = ("completed", "cancelled", "compensation_failed")
@@ -28,6 +31,44 @@ class StepFailed(Exception):
         self.detail = detail
 
 
+class StepResults:
+    """What the steps that succeeded so far returned, as the typed values they returned.
+
+    >>> reserved = call.results.get(Reserved)    # the one result of that type, or LookupError
+    >>> call.results.find(Shipped)               # or None while no step has returned one
+    """
+
+    __slots__ = ("_by_step",)
+
+    def __init__(self, by_step: Mapping[str, object] | None = None) -> None:
+        self._by_step = dict(by_step or {})
+
+    def get(self, kind: type[ResultT]) -> ResultT:
+        """The result of type ``kind``; LookupError when no step (or more than one) gave one."""
+        found = self.find(kind)
+        if found is None:
+            raise LookupError(f"no step has returned a {kind.__name__} (yet)")
+        return found
+
+    def find(self, kind: type[ResultT]) -> ResultT | None:
+        """The result of type ``kind``, or None."""
+        found = [value for value in self._by_step.values() if isinstance(value, kind)]
+        if len(found) > 1:
+            raise LookupError(f"{len(found)} steps returned a {kind.__name__}: look up by step")
+        return found[0] if found else None
+
+    def __getitem__(self, step: str) -> object:
+        return self._by_step[step]
+
+    def by_step(self) -> dict[str, object]:
+        """Step name -> result, for every step that returned one."""
+        return dict(self._by_step)
+
+    def added(self, step: str, value: object) -> StepResults:
+        """These results and ``step``'s."""
+        return StepResults({**self._by_step, step: value})
+
+
 @dataclass(frozen=True, slots=True)
 class StepCall(Generic[InputT]):
     """What an action or compensation gets: one frozen input plus earlier steps' results."""
@@ -36,21 +77,27 @@ class StepCall(Generic[InputT]):
     step: str
     key: str  # the idempotency key: "<saga_id>:<step>" (compensations add ":undo")
     input: InputT
-    data: Mapping[str, Any]
+    results: StepResults
 
 
-Action = Callable[[StepCall[InputT]], Awaitable[Mapping[str, Any] | None]]
+Action = Callable[[StepCall[InputT]], Awaitable[object]]
 Compensation = Callable[[StepCall[InputT]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class Step(Generic[InputT]):
-    """One step; its compensation is registered (persisted) before its action runs."""
+    """One step; its compensation is registered (persisted) before its action runs.
+
+    ``result``: the type the action returns (a frozen dataclass, say), kept typed in the
+    process and stored as JSON between processes; None when the action returns nothing
+    worth keeping.
+    """
 
     name: str
     action: Action[InputT]
     compensation: Compensation[InputT] | None = None
     timeout: float = 5.0
+    result: type[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +107,7 @@ class SagaOutcome:
     saga_id: uuid.UUID
     status: SagaStatus
     reason: str | None
-    data: Mapping[str, Any]
+    results: StepResults
 
 
 @dataclass(frozen=True)
@@ -102,6 +149,25 @@ class SagaDefinition(Generic[InputT]):
                 " never compensated; drop their compensations or move the pivot"
             )
 
+    def encode_result(self, step: Step[InputT], value: object) -> dict[str, Any]:
+        """What the saga row keeps of ``step``'s result: ``{step name: JSON}``, or nothing."""
+        if step.result is None:
+            return {}
+        if not isinstance(value, step.result):
+            kind = type(value).__name__
+            raise TypeError(f"step {step.name} returned a {kind}, not a {step.result.__name__}")
+        return {step.name: _adapter(step.result).dump_python(value, mode="json")}
+
+    def decode_results(self, stored: Mapping[str, Any]) -> StepResults:
+        """The typed results back from what :meth:`encode_result` stored."""
+        return StepResults(
+            {
+                step.name: _adapter(step.result).validate_python(stored[step.name])
+                for step in self.steps
+                if step.result is not None and step.name in stored
+            }
+        )
+
     def after_pivot(self) -> tuple[Step[InputT], ...]:
         """The steps retried forward until they succeed (none without a pivot)."""
         if self.pivot is None:
@@ -130,3 +196,14 @@ class SagaPolicy:
     compensation_backoff_max: float = 5.0
     lease_ttl: float = 5.0  # a crashed owner's sagas are taken over after this
     shutdown_grace: float = 5.0  # how long shutdown lets running compensations finish
+
+
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+
+
+def _adapter(kind: type[Any]) -> TypeAdapter[Any]:
+    # Building an adapter costs far more than using one: one per result type, kept.
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
+        adapter = _ADAPTERS[kind] = TypeAdapter(kind)
+    return adapter

@@ -43,6 +43,7 @@ from ordermesh_shared.saga.definition import (
     Step,
     StepCall,
     StepFailed,
+    StepResults,
 )
 from ordermesh_shared.saga.metrics import SagaMetrics
 from ordermesh_shared.saga.store import (
@@ -147,7 +148,7 @@ class SagaEngine:
         )
         # Counted when the transaction is still open: a rolled-back create counts too (rare).
         self.metrics.started.labels(definition.name).inc()
-        return SagaRow(saga_id, definition.name, "running", dict(payload), {}, 0, None)
+        return SagaRow(saga_id, definition.name, "running", dict(payload), {}, 0, None, value)
 
     def launch(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
         """Run the saga in the background (no-op if it already runs in this process).
@@ -208,8 +209,9 @@ class SagaEngine:
         saga: SagaRow,
         statuses: dict[tuple[str, str], str],
     ) -> SagaRow:
-        value = definition.decode(saga.input)
-        data = dict(saga.data)
+        # Typed all along in the process that created it; decoded only after a handover.
+        value = saga.value if saga.value is not None else definition.decode(saga.input)
+        results = definition.decode_results(saga.data)
         deadline = time.monotonic() + self.policy.forward_deadline
         done: StepDone | None = None  # the step that just succeeded, written with what follows
         for position, step in enumerate(definition.steps):
@@ -223,23 +225,25 @@ class SagaEngine:
                 position=position,
                 done=done,
             )
-            call = StepCall(saga.id, step.name, f"{saga.id}:{step.name}", value, dict(data))
+            call = StepCall(saga.id, step.name, f"{saga.id}:{step.name}", value, results)
             timer = _StepTimer(self.metrics, definition.name, step.name, "forward")
             try:
                 if definition.is_retried_forward(position):
-                    result = await self._until_it_succeeds(definition.name, call, step) or {}
+                    result = await self._until_it_succeeds(definition.name, call, step)
                 else:
-                    result = await self._attempts(definition.name, call, step, deadline) or {}
+                    result = await self._attempts(definition.name, call, step, deadline)
             except (StepFailed, GaveUp) as failure:
                 timer.done("rejected" if isinstance(failure, StepFailed) else "failed")
                 await self._stop_forward(saga.id, step.name, failure)
-                return replace(saga, status="compensating", data=data)
+                return replace(saga, status="compensating")
             timer.done("succeeded")
-            data.update(result)
-            done = StepDone(step.name, dict(result))
-        await self._finish(definition, saga.id, "completed", None, data, done=done)
+            stored = definition.encode_result(step, result)
+            if stored:
+                results = results.added(step.name, result)
+            done = StepDone(step.name, stored)
+        await self._finish(definition, saga.id, "completed", None, results, done=done)
         self.metrics.finished.labels(definition.name, "completed", "").inc()
-        return replace(saga, status="completed", data=data)
+        return replace(saga, status="completed")
 
     async def _stop_forward(
         self, saga_id: uuid.UUID, step: str, failure: StepFailed | GaveUp
@@ -325,20 +329,19 @@ class SagaEngine:
         current = await self._store.load(saga.id)
         assert current is not None
         value = definition.decode(current.input)
+        results = definition.decode_results(current.data)
         statuses = await self._statuses(saga.id)
         registered = definition.steps[: current.started_steps]
         for position in reversed(range(len(registered))):
             step = registered[position]
             if not _needs_undo(step, statuses):
                 continue
-            if not await self._undo_step(
-                definition.name, saga.id, step, position, value, current.data
-            ):
+            if not await self._undo_step(definition.name, saga.id, step, position, value, results):
                 reason = f"compensation of {step.name} kept failing; retry via the operator API"
-                await self._finish(definition, saga.id, "compensation_failed", reason, current.data)
+                await self._finish(definition, saga.id, "compensation_failed", reason, results)
                 self._count_end(definition, "compensation_failed", statuses)
                 return
-        await self._finish(definition, saga.id, "cancelled", None, current.data)
+        await self._finish(definition, saga.id, "cancelled", None, results)
         self._count_end(definition, "cancelled", statuses)
 
     def _count_end(
@@ -358,13 +361,13 @@ class SagaEngine:
         step: Step[Any],
         position: int,
         value: Any,
-        data: dict[str, Any],
+        results: StepResults,
     ) -> bool:
         assert step.compensation is not None
         await self._store.step_started(
             saga_id, self.owner, step=step.name, direction="compensate", position=position
         )
-        call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}:undo", value, data)
+        call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}:undo", value, results)
         # A fault (participant down, timeout, open breaker) is retried until the undo goes
         # through: parking on one would leave stock held or money kept for an outage that
         # heals. Only a participant's refusal, repeated, parks the saga for an operator.
@@ -397,14 +400,14 @@ class SagaEngine:
         saga_id: uuid.UUID,
         status: str,
         reason: str | None,
-        data: dict[str, Any],
+        results: StepResults,
         *,
         done: StepDone | None = None,
     ) -> None:
         async def then(conn: Any, first_reason: str | None) -> None:
             # In the transaction that ends the saga: the order takes its outcome with it.
             if definition.on_finish is not None:
-                outcome = SagaOutcome(saga_id, status, first_reason, data)
+                outcome = SagaOutcome(saga_id, status, first_reason, results)
                 await definition.on_finish(conn, outcome)
 
         first = await self._store.finish(

@@ -29,6 +29,7 @@ class SagaRow:
     data: dict[str, Any]
     started_steps: int
     failure_reason: str | None
+    value: Any = None  # the typed input, when this process has it (no need to decode)
 
 
 def _row(record: asyncpg.Record) -> SagaRow:
