@@ -221,11 +221,21 @@ def _refuse_edited(migrations: list[Migration], done: dict[int, str]) -> None:
             raise ValueError(f"migration {m.name} changed after it was applied; add a new one")
 
 
-def _is_transient(exc: BaseException) -> bool:
-    # A broken migration file will not heal by waiting; an unreachable server may.
-    return isinstance(exc, OSError | asyncpg.PostgresConnectionError | TimeoutError) or (
-        isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "")[:2] in {"08", "57"}
-    )
+# SQLSTATE classes that pass with time: connection exception, transaction rollback
+# (serialization failure, deadlock), insufficient resources (53300 "too many connections"),
+# operator intervention (57P01 "terminating connection", 57P03 "starting up").
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
+
+
+def is_transient_database_error(exc: BaseException) -> bool:
+    """True when the database is (briefly) away or busy, not when the work is wrong: a
+    broken migration or query will not heal by waiting, an unreachable server may."""
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True  # refused, reset, timed out, or a connection closed mid-operation
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True  # a connection left in a bad protocol state by a cut
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
 
 
 async def prepare_database(
@@ -239,7 +249,7 @@ async def prepare_database(
     Postgres is down."""
     sets = (SHARED_MIGRATIONS, *extra, MigrationSet("service", migrations))
     retrying = AsyncRetrying(
-        retry=retry_if_exception(_is_transient),
+        retry=retry_if_exception(is_transient_database_error),
         wait=wait_random_exponential(multiplier=0.2, max=max_wait),
         before_sleep=lambda rs: log.warning(
             "database.unreachable",

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import aiohttp
 import aiormq.exceptions
-import asyncpg
 
 from ordermesh_shared.broker import BrokerUnavailable
-from ordermesh_shared.database import DatabaseNotReady
+from ordermesh_shared.database import DatabaseNotReady, is_transient_database_error
 
 _TRANSIENT: tuple[type[BaseException], ...] = (
     DatabaseNotReady,
@@ -21,25 +20,15 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     # Connection refused/reset, aiormq's connection errors, asyncio timeouts.
     OSError,
     TimeoutError,
-    # asyncpg: a connection closed or cut mid-operation ("connection is closed", "another
-    # operation is in progress" after a cancelled query), or left in a bad protocol state.
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
     # aio-pika/aiormq: a channel closed under us (the broker restarted, or a reconnect is on).
     aiormq.exceptions.ChannelInvalidStateError,
     aiormq.exceptions.ChannelClosed,
     # aiohttp (etcd, Consul): connection errors, a server that went away mid-answer.
     aiohttp.ClientError,
 )
-# SQLSTATE classes: connection exception, transaction rollback (serialization failure,
-# deadlock), insufficient resources, operator intervention (e.g. 57P01 "terminating
-# connection due to administrator command", 57P03 "the database system is starting up").
-_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
 
 
 def is_transient(exc: BaseException) -> bool:
     """True when the database or the broker is (briefly) away, not when the work is wrong."""
-    if isinstance(exc, _TRANSIENT):
-        return True
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    # asyncpg's side (cuts, busy or restarting server) is the database module's to know.
+    return isinstance(exc, _TRANSIENT) or is_transient_database_error(exc)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from ordermesh_shared.database import DatabaseNotReady
+from ordermesh_shared.database import DatabaseNotReady, prepare_database
 from ordermesh_shared.errors import install_error_handlers
 
 OUTAGES = [
@@ -54,3 +56,35 @@ async def test_a_refused_statement_is_500_without_internals() -> None:
     assert response.status_code == 500
     assert "duplicate" not in response.text
     assert set(response.json()) == {"detail", "error_id"}
+
+
+class _BusyThenMigrated:
+    """A Database whose first migrations meet a full server (every slot taken: seen when
+    many services and test runs start at once), then go through."""
+
+    def __init__(self, failures: list[Exception]) -> None:
+        self.failures = failures
+        self.migration_error: str | None = None
+        self.attempts = 0
+
+    async def migrate(self, *_sets: object) -> dict[str, list[int]]:
+        self.attempts += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return {"service": [1]}
+
+
+@pytest.mark.parametrize("exc", OUTAGES[:-1], ids=lambda e: type(e).__name__)
+async def test_start_up_migrations_wait_out_every_outage(exc: Exception, tmp_path: Path) -> None:
+    db = _BusyThenMigrated([exc, exc])
+    await prepare_database(db, tmp_path, max_wait=0.01)  # type: ignore[arg-type]
+    assert db.attempts == 3
+    assert db.migration_error is None
+
+
+async def test_a_broken_migration_is_not_retried(tmp_path: Path) -> None:
+    db = _BusyThenMigrated([asyncpg.UndefinedTableError("relation does not exist")])
+    with pytest.raises(asyncpg.UndefinedTableError):
+        await prepare_database(db, tmp_path, max_wait=0.01)  # type: ignore[arg-type]
+    assert db.attempts == 1
+    assert db.migration_error is not None
