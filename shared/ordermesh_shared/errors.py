@@ -82,7 +82,10 @@ SHARED_RESPONSES: dict[int | str, dict[str, object]] = {
         "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
     },
     503: {
-        "description": "A dependency (the database) is unavailable: retry after `Retry-After`.",
+        "description": (
+            "A dependency (the database, or a service this one calls) is unavailable: retry"
+            " after `Retry-After`."
+        ),
         "headers": _RETRY_AFTER,
         "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
     },
