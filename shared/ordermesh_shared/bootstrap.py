@@ -203,7 +203,7 @@ async def _open_context(
     clients = await stack.enter_async_context(
         ServiceClient(registry, metrics=metrics.registry, tokens=tokens)
     )
-    tasks = await stack.enter_async_context(BackgroundTasks())
+    tasks = await stack.enter_async_context(BackgroundTasks(grace=settings.loop_grace))
     # Every supervised loop in the details; one down past its grace makes the instance unready.
     health.add_check("background", tasks.check)
     health.add_detail("background", tasks.report)

@@ -93,6 +93,15 @@ class ServiceSettings(BaseSettings):
     prune_interval: float = Field(
         60.0, gt=0, le=86400, description="Seconds between two passes of the retention pruner."
     )
+    loop_grace: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds a background loop (relay, consumer, saga recovery...) may keep failing or"
+            " restarting before readiness fails."
+        ),
+    )
     # No defaults for secrets: a deployment generates its own (make dev / make up do).
     service_token_secret: SecretStr = Field(
         min_length=MIN_SECRET_LENGTH,

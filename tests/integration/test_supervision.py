@@ -65,3 +65,33 @@ async def test_a_broker_outage_is_reported_but_keeps_the_instance_registered(
         back = await readiness_until(client, lambda r: r.json()["status"] == "ok")
         assert back.json()["checks"]["rabbitmq"] == "ok"
     assert registry.instances("payment") == ()
+
+
+class _BrokenRegistry(InMemoryRegistry):
+    """A registry client with a bug: registering raises what no loop treats as transient."""
+
+    async def register(self, instance: Any) -> None:
+        raise RuntimeError("bug in the registry client")
+
+
+async def test_a_loop_that_keeps_dying_makes_the_instance_unready_after_loop_grace(
+    fresh_database: str, rabbit_vhost: str
+) -> None:
+    """LOOP_GRACE reaches the supervisor: 0.5 s here, against 10 s by default (the poll
+    below gives up long before that)."""
+    settings = PaymentSettings(
+        database_url=fresh_database,
+        rabbitmq_url=rabbit_vhost,
+        port=18161,
+        outbox_relay="off",
+        loop_grace=0.5,
+    )
+    async with running(PAYMENT, settings, _BrokenRegistry()) as client:
+        await wait_ready(client)  # the loop dies at its first registration, once ready
+        down = await readiness_until(
+            client, lambda r: r.json()["checks"]["background"] != "ok", within=5.0
+        )
+    assert down.status_code == 503
+    presence = down.json()["details"]["background"]["presence"]
+    assert presence["restarts"] >= 1
+    assert "bug in the registry client" in presence["last_error"]
