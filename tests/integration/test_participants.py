@@ -11,8 +11,9 @@ import httpx
 import pytest
 from inventory.app import SPEC as INVENTORY
 from inventory.app import InventorySettings
-from inventory.commands import reserve_stock
-from inventory.domain import ReserveRequest
+from inventory.commands import ReserveStock
+from inventory.models import ReserveRequest
+from ordermesh_shared.commands import Recorded
 from payment.app import SPEC as PAYMENT
 from payment.app import PaymentSettings
 from shipping.app import SPEC as SHIPPING
@@ -114,7 +115,12 @@ async def test_a_release_racing_an_uncommitted_reserve_waits_for_it(
     try:
         reserving = conn.transaction()
         await reserving.start()
-        await reserve_stock(conn, request)
+        # The reserve's one statement, written but not yet committed.
+        command = ReserveStock(request)
+        decision = command.decide((await command.load(conn, "order/race")).state)
+        assert decision.change is not None
+        recorded = Recorded("order/race", "fingerprint", decision.answer, decision.event)
+        await command.save(conn, decision.change, recorded)
         release = asyncio.create_task(
             inventory.post(f"/reservations/{order_id}/release", headers=key())
         )
@@ -304,3 +310,33 @@ async def test_racing_retries_of_a_refused_command_get_one_answer(
     assert await stock(inventory, "MN-303") == (30, 0, 0)
     replay = await inventory.post("/reservations", json=body, headers=headers)
     assert (replay.status_code, replay.headers["Idempotent-Replay"]) == (422, "true")
+
+
+async def test_racing_retries_of_a_reserve_take_stock_once(inventory: httpx.AsyncClient) -> None:
+    # No lock between a command's load and its save: the losers of the race rerun, and
+    # replay the winner's answer.
+    headers = key()
+    body = {"order_id": str(uuid.uuid4()), "items": [{"sku": "MN-303", "quantity": 2}]}
+    answers = await asyncio.gather(
+        *(inventory.post("/reservations", json=body, headers=headers) for _ in range(12))
+    )
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert [a.headers["Idempotent-Replay"] for a in answers].count("false") == 1
+    assert await stock(inventory, "MN-303") == (28, 2, 0)
+
+
+async def test_racing_release_and_commit_settle_once(inventory: httpx.AsyncClient) -> None:
+    order_id = str(uuid.uuid4())
+    body = {"order_id": order_id, "items": [{"sku": "MN-303", "quantity": 3}]}
+    assert (await inventory.post("/reservations", json=body, headers=key())).status_code == 201
+    paths = [f"/reservations/{order_id}/{verb}" for verb in ("release", "commit") * 6]
+    answers = await asyncio.gather(*(inventory.post(path, headers=key()) for path in paths))
+    final = (await inventory.get(f"/reservations/{order_id}")).json()["status"]
+    # One of the two won; every call of the other kind was refused by its state.
+    loser = {"released": "commit", "committed": "release"}[final]
+    assert {a.status_code for a, p in zip(answers, paths, strict=True) if p.endswith(loser)} == {
+        409
+    }
+    bucket = {"released": (30, 0, 0), "committed": (27, 0, 3)}[final]
+    assert await stock(inventory, "MN-303") == bucket

@@ -10,12 +10,13 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from ordermesh_shared.auth import SERVICE_AUTH_RESPONSES
 from ordermesh_shared.bootstrap import Ctx
+from ordermesh_shared.commands import fingerprint, run_command
 from ordermesh_shared.errors import NotFound
-from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
+from ordermesh_shared.idempotency import IdempotencyKey
 from pydantic import BaseModel, Field
 
 from inventory import commands, store
-from inventory.domain import Reservation, ReserveRequest
+from inventory.models import Reservation, ReserveRequest
 
 router = APIRouter()
 
@@ -77,12 +78,8 @@ async def get_product(ctx: Ctx, sku: str = Sku) -> Product:
 async def reserve(
     body: ReserveRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
-    return await run_once(
-        ctx.db.pool,
-        key,
-        fingerprint=request_hash(body, path=request.url.path),
-        effect=lambda conn: commands.reserve_stock(conn, body),
-    )
+    command = commands.ReserveStock(body)
+    return await run_command(ctx.db.pool, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -92,13 +89,11 @@ async def reserve(
     response_model=Reservation,
     responses=COMMAND_ERRORS,
 )
-async def release(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
-    return await run_once(
-        ctx.db.pool,
-        key,
-        fingerprint=f"release:{order_id}",
-        effect=lambda conn: commands.release_stock(conn, order_id),
-    )
+async def release(
+    order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
+) -> JSONResponse:
+    command = commands.ReleaseStock(order_id)
+    return await run_command(ctx.db.pool, key, fingerprint(request), command)
 
 
 @router.post(
@@ -108,13 +103,11 @@ async def release(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONRes
     response_model=Reservation,
     responses={**COMMAND_ERRORS, 404: {"description": "No reservation for this order."}},
 )
-async def commit(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
-    return await run_once(
-        ctx.db.pool,
-        key,
-        fingerprint=f"commit:{order_id}",
-        effect=lambda conn: commands.commit_stock(conn, order_id),
-    )
+async def commit(
+    order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
+) -> JSONResponse:
+    command = commands.CommitStock(order_id)
+    return await run_command(ctx.db.pool, key, fingerprint(request), command)
 
 
 @router.get(
@@ -125,4 +118,4 @@ async def commit(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResp
 )
 async def get_reservation(order_id: uuid.UUID, ctx: Ctx) -> Reservation:
     async with ctx.db.pool.acquire() as conn:
-        return await commands.load_reservation(conn, order_id)
+        return Reservation.of(await commands.load_reservation(conn, order_id))

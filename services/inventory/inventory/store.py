@@ -1,4 +1,4 @@
-"""Inventory's SQL, one function per query."""
+"""Inventory's SQL, one function per query: the products, and the reservations' repository."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import uuid
 from decimal import Decimal
 
 import asyncpg
+import orjson
+from ordermesh_shared.commands import ANSWER_COLUMNS, ANSWER_FROM, Loaded, Recorded, stored_answer
 from ordermesh_shared.database import DbConn
+
+from inventory.domain import Reservation, ReservedLine, Stock
 
 _PRODUCT_COLUMNS = "sku, name, price, available, reserved, committed, stocked"
 
@@ -21,89 +25,121 @@ async def get_product(conn: DbConn, sku: str) -> asyncpg.Record | None:
     return await conn.fetchrow(f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE sku = $1", sku)
 
 
-async def lock_reservation(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
-    """The order's reservation, locked until the transaction ends."""
-    return await conn.fetchrow(
-        "SELECT id, order_id, status FROM reservations WHERE order_id = $1 FOR UPDATE", order_id
+# -- reservations: the repository of the Reservation aggregate -------------------------------
+
+# A reservation and its lines (unit prices as text: JSON numbers would become floats).
+_RESERVATION = (
+    "SELECT r.id, r.order_id, r.status, (SELECT coalesce(json_agg(json_build_object("
+    "'sku', i.sku, 'quantity', i.quantity, 'unit_price', i.unit_price::text)"
+    """ ORDER BY i.sku COLLATE "C"), '[]') FROM reservation_items i"""
+    " WHERE i.reservation_id = r.id) AS lines FROM reservations r"
+)
+
+
+def _reservation(row: asyncpg.Record) -> Reservation | None:
+    if row["id"] is None:
+        return None
+    lines = tuple(
+        ReservedLine(line["sku"], line["quantity"], Decimal(line["unit_price"]))
+        for line in orjson.loads(row["lines"])
     )
+    return Reservation(row["id"], row["order_id"], row["status"], lines)
 
 
-async def get_reservation(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
+async def get_reservation(conn: DbConn, order_id: uuid.UUID) -> Reservation | None:
     """The order's reservation, or None."""
-    return await conn.fetchrow(
-        "SELECT id, order_id, status FROM reservations WHERE order_id = $1", order_id
-    )
+    row = await conn.fetchrow(f"{_RESERVATION} WHERE r.order_id = $1", order_id)
+    return _reservation(row) if row is not None else None
 
 
-async def reservation_items(conn: DbConn, reservation_id: uuid.UUID) -> list[asyncpg.Record]:
-    """The lines of a reservation, by SKU in code point order (as reserve_stock takes them,
-    so a retried reserve answers with its lines in the order of the first answer)."""
-    return await conn.fetch(
-        "SELECT sku, quantity, unit_price FROM reservation_items"
-        ' WHERE reservation_id = $1 ORDER BY sku COLLATE "C"',
-        reservation_id,
-    )
-
-
-async def reserve_line(
-    conn: DbConn, reservation_id: uuid.UUID, sku: str, quantity: int
-) -> Decimal | None:
-    """Move units from available to reserved and record the line, in one statement; the unit
-    price, or None (and nothing written) when there are not enough units (or no such SKU).
-
-    The guarded UPDATE is the whole concurrency story: the row lock orders racing
-    reservations and ``available >= $3`` keeps stock from going negative.
-    """
-    price: Decimal | None = await conn.fetchval(
-        "WITH taken AS (UPDATE products SET available = available - $3, reserved = reserved + $3"
-        "   WHERE sku = $2 AND available >= $3 RETURNING price)"
-        " INSERT INTO reservation_items (reservation_id, sku, quantity, unit_price)"
-        " SELECT $1, $2, $3, price FROM taken RETURNING unit_price",
-        reservation_id,
-        sku,
-        quantity,
-    )
-    return price
-
-
-async def return_stock(conn: DbConn, sku: str, quantity: int) -> None:
-    """Move units from reserved back to available."""
-    await conn.execute(
-        "UPDATE products SET available = available + $2, reserved = reserved - $2 WHERE sku = $1",
-        sku,
-        quantity,
-    )
-
-
-async def sell_stock(conn: DbConn, sku: str, quantity: int) -> None:
-    """Move units from reserved to committed."""
-    await conn.execute(
-        "UPDATE products SET committed = committed + $2, reserved = reserved - $2 WHERE sku = $1",
-        sku,
-        quantity,
-    )
-
-
-async def open_reservation(
-    conn: DbConn, reservation_id: uuid.UUID, order_id: uuid.UUID, status: str = "reserved"
-) -> bool:
-    """A new reservation ('released' marks a release that came before any reserve); False
-    when the order already has one - which a concurrent transaction may have just committed:
-    a next statement (:func:`lock_reservation`) sees it."""
-    opened = await conn.fetchval(
-        "INSERT INTO reservations (id, order_id, status) VALUES ($1, $2, $3)"
-        " ON CONFLICT (order_id) DO NOTHING RETURNING true",
-        reservation_id,
+async def load_for_command(
+    conn: DbConn, key: str, order_id: uuid.UUID
+) -> Loaded[Reservation | None]:
+    """The answer stored under ``key`` and the order's reservation: one round trip."""
+    row = await conn.fetchrow(
+        f"SELECT {ANSWER_COLUMNS}, r.* FROM {ANSWER_FROM}"
+        f" LEFT JOIN ({_RESERVATION}) r ON r.order_id = $2",
+        key,
         order_id,
-        status,
     )
-    return bool(opened)
+    assert row is not None  # one row, whatever the joins find
+    return Loaded(stored_answer(row), _reservation(row))
 
 
-async def set_status(conn: DbConn, reservation_id: uuid.UUID, status: str) -> None:
-    """Move a reservation to a new status."""
+async def load_for_reserve(
+    conn: DbConn, key: str, order_id: uuid.UUID, skus: list[str]
+) -> Loaded[tuple[Reservation | None, dict[str, Stock]]]:
+    """As :func:`load_for_command`, plus the stock of ``skus``: one round trip."""
+    row = await conn.fetchrow(
+        f"SELECT {ANSWER_COLUMNS}, r.*, (SELECT coalesce(json_agg(json_build_object("
+        "'sku', p.sku, 'price', p.price::text, 'available', p.available)), '[]')"
+        "   FROM products p WHERE p.sku = ANY($3::text[])) AS stock"
+        f" FROM {ANSWER_FROM} LEFT JOIN ({_RESERVATION}) r ON r.order_id = $2",
+        key,
+        order_id,
+        skus,
+    )
+    assert row is not None
+    stock = {
+        p["sku"]: Stock(p["sku"], Decimal(p["price"]), p["available"])
+        for p in orjson.loads(row["stock"])
+    }
+    return Loaded(stored_answer(row), (_reservation(row), stock))
+
+
+async def insert_reservation(conn: DbConn, reservation: Reservation, recorded: Recorded) -> None:
+    """A new reservation taking its lines' units from stock, with its event and answer: one
+    statement. Lost race (stock taken or a price changed since the load, or the order got a
+    reservation meanwhile): nothing is written, and the command runs again."""
+    lines = reservation.lines
     await conn.execute(
-        "UPDATE reservations SET status = $2, updated_at = now() WHERE id = $1",
-        reservation_id,
-        status,
+        "WITH opened AS (INSERT INTO reservations (id, order_id, status) VALUES ($1, $2, $3)"
+        "   RETURNING id),"
+        " wanted AS (SELECT * FROM unnest($4::text[], $5::int[], $6::numeric[])"
+        "   AS w(sku, quantity, unit_price)),"
+        # The guarded UPDATE is the concurrency story: the row lock orders racing
+        # reservations, and `available >= quantity` keeps stock from going negative.
+        " taken AS (UPDATE products p SET available = p.available - w.quantity,"
+        "   reserved = p.reserved + w.quantity FROM wanted w, opened"
+        "   WHERE p.sku = w.sku AND p.available >= w.quantity AND p.price = w.unit_price"
+        "   RETURNING 1),"
+        " items AS (INSERT INTO reservation_items (reservation_id, sku, quantity, unit_price)"
+        "   SELECT opened.id, w.sku, w.quantity, w.unit_price FROM opened, wanted w),"
+        f" {recorded.ctes('opened', 8)}"
+        f" SELECT CASE WHEN (SELECT count(*) FROM taken) = $7 THEN {recorded.check}"
+        "   ELSE command_raced()::int END",
+        reservation.id,
+        reservation.order_id,
+        reservation.status,
+        [line.sku for line in lines],
+        [line.quantity for line in lines],
+        [line.unit_price for line in lines],
+        len(lines),
+        *recorded.args,
+    )
+
+
+# Where a reservation's units go when it leaves 'reserved'.
+_BUCKET = {"released": "available", "committed": "committed"}
+
+
+async def settle_reservation(conn: DbConn, reservation: Reservation, recorded: Recorded) -> None:
+    """A reserved reservation released or committed (``reservation`` is the new state): its
+    units leave ``reserved`` for their bucket, with the event and the answer, in one
+    statement. Lost race (it is no longer reserved): nothing is written; the command reruns."""
+    bucket = _BUCKET[reservation.status]
+    await conn.execute(
+        "WITH settled AS (UPDATE reservations SET status = $2, updated_at = now()"
+        "   WHERE id = $1 AND status = 'reserved' RETURNING id),"
+        f" moved AS (UPDATE products p SET {bucket} = p.{bucket} + l.quantity,"
+        "   reserved = p.reserved - l.quantity"
+        "   FROM unnest($3::text[], $4::int[]) AS l(sku, quantity), settled WHERE p.sku = l.sku),"
+        f" {recorded.ctes('settled', 5)}"
+        f" SELECT CASE WHEN EXISTS (SELECT 1 FROM settled) THEN {recorded.check}"
+        "   ELSE command_raced()::int END",
+        reservation.id,
+        reservation.status,
+        [line.sku for line in reservation.lines],
+        [line.quantity for line in reservation.lines],
+        *recorded.args,
     )
