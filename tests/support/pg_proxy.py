@@ -147,6 +147,8 @@ async def _answer_starting_up(reader: asyncio.StreamReader, writer: asyncio.Stre
 _GSSENC_REQUEST = 80877104
 _CANCEL_REQUEST = 80877102
 _PREAMBLE_CODES = (_SSL_REQUEST, _GSSENC_REQUEST)  # the client sends its startup next
+# asyncpg's type introspection on a statement-cache miss (asyncpg/introspection.py).
+_INTROSPECTION_MARKS = ("typeinfo_tree", "set_config('jit'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,13 @@ class RoundTrip:
 
     kind: str
     sql: str
+
+    @property
+    def cache_miss(self) -> bool:
+        """Work asyncpg does only on a connection that has not run this statement before:
+        preparing it, and looking up the types it uses (the introspection query, run with
+        JIT switched off and back on)."""
+        return self.kind == "prepare" or any(mark in self.sql for mark in _INTROSPECTION_MARKS)
 
 
 class WireCounter:
