@@ -41,7 +41,7 @@ from ordermesh_shared.database import DbConn
 from ordermesh_shared.errors import ServiceError, Unavailable
 from ordermesh_shared.idempotency import CallerKey, KeyReused
 from ordermesh_shared.messaging.topology import check_word
-from ordermesh_shared.outbox.store import NOTIFY_CHANNEL
+from ordermesh_shared.outbox.store import event_ctes
 
 StateT = TypeVar("StateT")
 StateT_co = TypeVar("StateT_co", covariant=True)
@@ -159,16 +159,21 @@ class Recorded:
         )
         if self.event is None:
             return answer
-        n += 4
-        event = (
-            "event AS (INSERT INTO outbox"
-            " (event_id, aggregate_type, aggregate_id, event_type, payload)"
-            f" SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}::jsonb FROM {after} LIMIT 1"
-            " RETURNING id)"
+        event, _ = self._event(after, first + 4)
+        return f"{answer}, {event}"
+
+    def _event(self, after: str, first: int) -> tuple[str, list[Any]]:
+        assert self.event is not None
+        event = self.event
+        return event_ctes(
+            event.event_id,
+            event.aggregate_type,
+            event.aggregate_id,
+            event.event_type,
+            jsonable_encoder(event.payload),
+            after=after,
+            first=first,
         )
-        # The payload is the row id, as add_event sends it (the relay tells its own claims).
-        woken = f"woken AS (SELECT pg_notify('{NOTIFY_CHANNEL}', id::text) FROM event)"
-        return f"{answer}, {event}, {woken}"
 
     @property
     def check(self) -> str:
@@ -182,10 +187,7 @@ class Recorded:
         body = orjson.dumps(self.answer.body).decode()
         values: list[Any] = [self.key, self.fingerprint, self.answer.status, body]
         if self.event is not None:
-            event = self.event
-            payload = orjson.dumps(jsonable_encoder(event.payload)).decode()
-            aggregate = [event.aggregate_type, event.aggregate_id, event.event_type]
-            values += [event.event_id, *aggregate, payload]
+            values += self._event("", 0)[1]
         return values
 
 

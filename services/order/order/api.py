@@ -161,15 +161,15 @@ async def _create_or_find(
     if runtime.admission.full:
         return await _earlier_order(ctx, key, fingerprint, limit=runtime.admission.limit), None
     order_id = uuid.uuid4()
+    saga = runtime.engine.prepare(
+        runtime.definition, order_id, PlaceOrder.from_request(order_id, body)
+    )
     with runtime.admission.creating():
-        async with ctx.db.pool.acquire() as conn, conn.transaction():
-            if await store.insert_order(
-                conn, order_id, body, idempotency_key=key, request_hash=fingerprint
+        async with ctx.db.pool.acquire() as conn:
+            if await store.place_order(
+                conn, order_id, body, idempotency_key=key, request_hash=fingerprint, saga=saga
             ):
-                saga_input = PlaceOrder.from_request(order_id, body)
-                saga = await runtime.engine.create(conn, runtime.definition, order_id, saga_input)
-                await store.order_event(conn, order_id, "created", body.model_dump(mode="json"))
-                return order_id, saga
+                return order_id, saga.row
             existing = await store.order_for_key(conn, key or "")
     assert existing is not None
     return _replayed(existing, key, fingerprint), None

@@ -22,7 +22,7 @@ class SagaAdmission:
 
     >>> admission = SagaAdmission(engine, limit=64, registry=ctx.metrics.registry)
     >>> if not admission.full:
-    ...     with admission.creating(): saga = await engine.create(...)  # then launch it
+    ...     with admission.creating(): written = await store.place_order(..., saga=prepared)
     """
 
     def __init__(self, engine: SagaEngine, *, limit: int, registry: CollectorRegistry) -> None:

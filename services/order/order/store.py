@@ -11,6 +11,8 @@ from typing import Any
 import asyncpg
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.outbox import add_event
+from ordermesh_shared.outbox.store import event_ctes
+from ordermesh_shared.saga.engine import PreparedSaga
 
 from order.domain import PlaceOrderRequest
 
@@ -19,20 +21,27 @@ _ORDER_COLUMNS = (
 )
 
 
-async def insert_order(
+async def place_order(
     conn: DbConn,
     order_id: uuid.UUID,
     request: PlaceOrderRequest,
     *,
     idempotency_key: str | None,
     request_hash: str,
+    saga: PreparedSaga,
 ) -> bool:
-    """A new pending order; False when the idempotency key already names another order.
+    """A new pending order with its lines, its saga and its ``order.created`` event, in one
+    statement (one round trip, all or nothing); False, and nothing written, when the
+    idempotency key already names another order.
 
     ON CONFLICT waits for a concurrent insert with the same key to commit, so racing posts
     of one key end with one order.
     """
-    # The lines go in the same statement (one round trip): none when the key conflicted.
+    saga_sql, saga_args = saga.ctes("header", 8)
+    payload = {"order_id": str(order_id), **request.model_dump(mode="json")}
+    event_sql, event_args = event_ctes(
+        uuid.uuid4(), "order", str(order_id), "created", payload, after="header", first=13
+    )
     inserted = await conn.fetchval(
         "WITH header AS (INSERT INTO orders"
         "   (id, customer_id, destination, status, idempotency_key, request_hash)"
@@ -40,8 +49,9 @@ async def insert_order(
         "   ON CONFLICT (idempotency_key) DO NOTHING RETURNING id),"
         " lines AS (INSERT INTO order_items (order_id, sku, quantity)"
         "   SELECT header.id, line.sku, line.quantity"
-        "     FROM header, unnest($6::text[], $7::int[]) AS line(sku, quantity))"
-        " SELECT count(*) FROM header",
+        "     FROM header, unnest($6::text[], $7::int[]) AS line(sku, quantity)),"
+        f" {saga_sql}, {event_sql}"
+        " SELECT count(*) + (SELECT count(*) FROM woken) FROM header",
         order_id,
         request.customer_id,
         request.destination,
@@ -49,6 +59,8 @@ async def insert_order(
         request_hash,
         [line.sku for line in request.items],
         [line.quantity for line in request.items],
+        *saga_args,
+        *event_args,
     )
     return bool(inserted)
 

@@ -148,6 +148,33 @@ _ADD_AND_NOTIFY = (
 )
 
 
+def event_ctes(
+    event_id: uuid.UUID,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Mapping[str, Any],
+    *,
+    after: str,
+    first: int,
+) -> tuple[str, list[Any]]:
+    """:func:`add_event` as CTEs of the caller's statement: ``event`` (the row) and ``woken``
+    (its NOTIFY), written when the CTE named ``after`` returned a row; parameters numbered
+    from ``first``. Select from ``woken`` (e.g. ``(SELECT count(*) FROM woken)``): Postgres
+    runs a plain SELECT CTE only when it is used."""
+    check_word(event_type, what="event type")
+    n = first
+    sql = (
+        "event AS (INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,"
+        f" payload) SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}::jsonb FROM {after}"
+        " LIMIT 1 RETURNING id),"
+        # The payload is the row id, as add_event sends it (the relay tells its own claims).
+        f" woken AS (SELECT pg_notify('{NOTIFY_CHANNEL}', id::text) FROM event)"
+    )
+    body = orjson.dumps(payload, default=str).decode()
+    return sql, [event_id, aggregate_type, aggregate_id, event_type, body]
+
+
 def _check_headers(headers: Mapping[str, str]) -> None:
     for name, value in headers.items():
         if not _EXTENSION_NAME.match(name) or name in _RESERVED_HEADERS:

@@ -25,7 +25,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -52,6 +52,7 @@ from ordermesh_shared.saga.store import (
     SagaRow,
     SagaStore,
     StepDone,
+    insert_saga_cte,
 )
 from ordermesh_shared.tasks import BackgroundTasks
 from ordermesh_shared.transient import is_transient
@@ -146,9 +147,17 @@ class SagaEngine:
         await self._store.insert(
             conn, saga_id, definition.name, payload, owner=self.owner, ttl=self.policy.lease_ttl
         )
-        # Counted when the transaction is still open: a rolled-back create counts too (rare).
-        self.metrics.started.labels(definition.name).inc()
         return SagaRow(saga_id, definition.name, "running", dict(payload), {}, 0, None, value)
+
+    def prepare(
+        self, definition: SagaDefinition[Any], saga_id: uuid.UUID, value: Any
+    ) -> PreparedSaga:
+        """A new saga as part of the caller's own statement (Postgres store only): embed
+        ``ctes(after, first)`` and ``args``, then :meth:`launch` ``row`` once it committed.
+        It saves the round trips of a transaction around :meth:`create`."""
+        payload = definition.encode(value)
+        row = SagaRow(saga_id, definition.name, "running", dict(payload), {}, 0, None, value)
+        return PreparedSaga(row, self.owner, self.policy.lease_ttl)
 
     def launch(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
         """Run the saga in the background (no-op if it already runs in this process).
@@ -217,6 +226,8 @@ class SagaEngine:
         for position, step in enumerate(definition.steps):
             if statuses.get((step.name, "forward")) == "succeeded":
                 continue
+            if position == 0 and not statuses:  # its first step, the first time: it starts
+                self.metrics.started.labels(definition.name).inc()
             await self._store.step_started(
                 saga.id,
                 self.owner,
@@ -490,6 +501,22 @@ class _StepTimer:
     def done(self, outcome: str) -> None:
         elapsed = time.monotonic() - self._started
         self._histogram.labels(*self._labels, outcome).observe(elapsed)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedSaga:
+    """A saga to insert in the caller's statement (see :meth:`SagaEngine.prepare`)."""
+
+    row: SagaRow
+    owner: str
+    ttl: float
+
+    def ctes(self, after: str, first: int) -> tuple[str, list[Any]]:
+        """The CTE ``saga``, written when ``after`` returned a row, and its parameters."""
+        row = self.row
+        return insert_saga_cte(
+            row.id, row.name, row.input, owner=self.owner, ttl=self.ttl, after=after, first=first
+        )
 
 
 def _needs_undo(step: Step[Any], statuses: dict[tuple[str, str], str]) -> bool:

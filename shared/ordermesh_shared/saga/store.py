@@ -70,6 +70,28 @@ async def insert_saga(
     )
 
 
+def insert_saga_cte(
+    saga_id: uuid.UUID,
+    name: str,
+    payload: Mapping[str, Any],
+    *,
+    owner: str,
+    ttl: float,
+    after: str,
+    first: int,
+) -> tuple[str, list[Any]]:
+    """:func:`insert_saga` as a CTE ``saga`` of the caller's statement, written when the CTE
+    named ``after`` returned a row (the caller's own row: the order); parameters numbered
+    from ``first``."""
+    n = first
+    sql = (
+        "saga AS (INSERT INTO sagas (id, name, status, input, owner, lease_until)"
+        f" SELECT ${n}, ${n + 1}, 'running', ${n + 2}, ${n + 3},"
+        f" now() + make_interval(secs => ${n + 4}) FROM {after} LIMIT 1)"
+    )
+    return sql, [saga_id, name, json.dumps(payload), owner, ttl]
+
+
 async def load_saga(conn: DbConn, saga_id: uuid.UUID) -> SagaRow | None:
     """A saga, or None."""
     record = await conn.fetchrow(
