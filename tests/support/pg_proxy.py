@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -289,6 +290,10 @@ class CountingPgProxy(PgProxy):
     def trips(self) -> tuple[RoundTrip, ...]:
         """What each of those round trips was, in the order the clients sent them."""
         return tuple(self._trips)
+
+    def by_kind(self) -> Counter[str]:
+        """Those round trips counted by kind (``query``, ``execute``, ``prepare``...)."""
+        return Counter(trip.kind for trip in self._trips)
 
     def reset_counts(self) -> None:
         """Count from zero again (round trips and connections)."""
