@@ -340,3 +340,66 @@ async def test_racing_release_and_commit_settle_once(inventory: httpx.AsyncClien
     }
     bucket = {"released": (30, 0, 0), "committed": (27, 0, 3)}[final]
     assert await stock(inventory, "MN-303") == bucket
+
+
+async def test_racing_retries_of_a_create_ship_once(shipping: httpx.AsyncClient) -> None:
+    headers = key()
+    order_id = str(uuid.uuid4())
+    body = {"order_id": order_id, "destination": "DE"}
+    answers = await asyncio.gather(
+        *(shipping.post("/shipments", json=body, headers=headers) for _ in range(12))
+    )
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert [a.headers["Idempotent-Replay"] for a in answers].count("false") == 1
+    assert await outbox_events(shipping, order_id) == ["shipment_created"]
+
+
+@pytest.mark.parametrize("first", ["create", "cancel"])
+async def test_racing_creates_and_cancels_settle_consistently(
+    shipping: httpx.AsyncClient, first: str
+) -> None:
+    # The saga's late create and its undo, each retried under keys of their own, at once.
+    order_id = str(uuid.uuid4())
+    create = {"order_id": order_id, "destination": "DE"}
+    verbs = (first, {"create": "cancel", "cancel": "create"}[first]) * 6
+    answers = await asyncio.gather(
+        *(
+            shipping.post("/shipments", json=create, headers=key())
+            if verb == "create"
+            else shipping.post(f"/shipments/by-order/{order_id}/cancel", headers=key())
+            for verb in verbs
+        )
+    )
+    final = (await shipping.get("/shipments", params={"order_id": order_id})).json()
+    assert final["status"] == "cancelled"  # whoever came first, the undo stands
+    creates = [a for a, verb in zip(answers, verbs, strict=True) if verb == "create"]
+    cancels = [a for a, verb in zip(answers, verbs, strict=True) if verb == "cancel"]
+    assert {(a.status_code, a.json()["status"]) for a in cancels} == {(200, "cancelled")}
+    # Every answer that shows a shipment shows the one there is.
+    shown = [a.json()["id"] for a in [*creates, *cancels] if a.status_code < 300]
+    assert set(shown) == {final["id"]}
+    if any(a.status_code == 201 for a in creates):  # created once, then cancelled once
+        assert [a.status_code for a in creates].count(201) == 1
+        assert {a.status_code for a in creates} <= {201, 200, 409}
+        assert final["destination"] == "DE"
+        events = ["shipment_created", "shipment_cancelled"]
+    else:  # the cancel came first: its marker refused every create
+        assert {a.json()["reason"] for a in creates} == {"cancelled"}
+        assert final["destination"] is None
+        events = []
+    assert await outbox_events(shipping, order_id) == events
+
+
+@pytest.mark.parametrize("created", [True, False])
+async def test_racing_cancels_cancel_once(shipping: httpx.AsyncClient, created: bool) -> None:
+    order_id = str(uuid.uuid4())
+    if created:
+        body = {"order_id": order_id, "destination": "FR"}
+        assert (await shipping.post("/shipments", json=body, headers=key())).status_code == 201
+    path = f"/shipments/by-order/{order_id}/cancel"
+    answers = await asyncio.gather(*(shipping.post(path, headers=key()) for _ in range(12)))
+    assert {(a.status_code, a.json()["status"]) for a in answers} == {(200, "cancelled")}
+    assert len({a.json()["id"] for a in answers}) == 1  # one shipment, or one marker
+    expected = ["shipment_created", "shipment_cancelled"] if created else []
+    assert await outbox_events(shipping, order_id) == expected

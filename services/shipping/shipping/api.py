@@ -9,12 +9,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from ordermesh_shared.auth import SERVICE_AUTH_RESPONSES
 from ordermesh_shared.bootstrap import Ctx
+from ordermesh_shared.commands import fingerprint, run_command
 from ordermesh_shared.errors import NotFound
-from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
+from ordermesh_shared.idempotency import IdempotencyKey
 from pydantic import BaseModel, Field
 
 from shipping import commands, store
-from shipping.domain import Shipment, ShipRequest
+from shipping.models import Shipment, ShipRequest
 
 router = APIRouter(tags=["shipping"])
 
@@ -52,12 +53,8 @@ async def list_destinations(ctx: Ctx) -> list[Destination]:
 async def create(
     body: ShipRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
-    return await run_once(
-        ctx.db.pool,
-        key,
-        fingerprint=request_hash(body, path=request.url.path),
-        effect=lambda conn: commands.create_shipment(conn, body),
-    )
+    command = commands.CreateShipment(body)
+    return await run_command(ctx.db.pool, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -66,13 +63,11 @@ async def create(
     response_model=Shipment,
     responses=SERVICE_AUTH_RESPONSES,
 )
-async def cancel(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
-    return await run_once(
-        ctx.db.pool,
-        key,
-        fingerprint=f"cancel:{order_id}",
-        effect=lambda conn: commands.cancel_shipment(conn, order_id),
-    )
+async def cancel(
+    order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
+) -> JSONResponse:
+    command = commands.CancelShipment(order_id)
+    return await run_command(ctx.db.pool, key, fingerprint(request), command)
 
 
 @router.get(
@@ -82,7 +77,7 @@ async def cancel(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResp
 )
 async def find_shipment(ctx: Ctx, order_id: Annotated[uuid.UUID, Query()]) -> Shipment:
     async with ctx.db.pool.acquire() as conn:
-        return await commands.load_shipment(conn, order_id)
+        return Shipment.of(await commands.load_shipment(conn, order_id))
 
 
 @router.get(
@@ -92,7 +87,7 @@ async def find_shipment(ctx: Ctx, order_id: Annotated[uuid.UUID, Query()]) -> Sh
 )
 async def get_shipment(ctx: Ctx, shipment_id: uuid.UUID) -> Shipment:
     async with ctx.db.pool.acquire() as conn:
-        row = await store.get_shipment(conn, shipment_id)
-    if row is None:
+        shipment = await store.get_shipment(conn, shipment_id)
+    if shipment is None:
         raise NotFound(f"no shipment with id {shipment_id}")
-    return Shipment(**dict(row))
+    return Shipment.of(shipment)

@@ -1,61 +1,85 @@
-"""Create and cancel shipments: each runs inside the idempotent command's transaction."""
+"""Shipping's commands: load, decide (in the domain), save; each one idempotent by key.
+
+>>> await run_command(pool, key, fingerprint(request, body), CreateShipment(body))
+"""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
+from ordermesh_shared.commands import Answer, Decision, Loaded, Recorded
 from ordermesh_shared.database import DbConn
-from ordermesh_shared.errors import Conflict, NotFound, Rejected
-from ordermesh_shared.outbox import add_event
+from ordermesh_shared.errors import NotFound
 
 from shipping import store
-from shipping.domain import Shipment, ShipRequest
+from shipping.domain import Destination, Shipment
+from shipping.models import Shipment as ShipmentAnswer
+from shipping.models import ShipRequest
+
+CreateState = tuple[Shipment | None, Destination]
 
 
-async def create_shipment(conn: DbConn, request: ShipRequest) -> tuple[int, Shipment]:
+def _answer(status: int, shipment: Shipment) -> Answer:
+    return Answer(status, ShipmentAnswer.json_of(shipment))
+
+
+def _changed(status: int, shipment: Shipment) -> Decision[Shipment]:
+    """Answer with the new state, save it, and tell the others."""
+    body = ShipmentAnswer.json_of(shipment)
+    return Decision(Answer(status, body), shipment, shipment.event(body))
+
+
+@dataclass(frozen=True)
+class CreateShipment:
     """One shipment per order, only to supported destinations."""
-    existing = await store.lock_shipment(conn, request.order_id)
-    if existing is not None:
-        if existing["status"] == "cancelled":
-            raise Conflict(
-                "the shipment for this order was already cancelled; a late create is refused",
-                reason="cancelled",
-            )
-        return 200, Shipment(**dict(existing))
-    if not await store.is_supported(conn, request.destination):
-        raise Rejected(
-            f"we do not ship to {request.destination}; GET /destinations lists where we do",
-            reason="unsupported_destination",
-        )
-    row = await store.insert_shipment(conn, request.order_id, request.destination, "created")
-    return 201, await _with_event(conn, Shipment(**dict(row)), "shipment_created")
+
+    request: ShipRequest
+
+    async def load(self, conn: DbConn, key: str) -> Loaded[CreateState]:
+        request = self.request
+        return await store.load_for_create(conn, key, request.order_id, request.destination)
+
+    def decide(self, state: CreateState) -> Decision[Shipment]:
+        existing, destination = state
+        if existing is not None:  # made under another key: answered, or refused if cancelled
+            existing.create_again()
+            return Decision(_answer(200, existing))
+        now = datetime.now(UTC)
+        return _changed(201, Shipment.create(self.request.order_id, destination, now=now))
+
+    async def save(self, conn: DbConn, change: Shipment, recorded: Recorded) -> None:
+        await store.insert_shipment(conn, change, recorded)
 
 
-async def _with_event(conn: DbConn, shipment: Shipment, event_type: str) -> Shipment:
-    await add_event(
-        conn,
-        aggregate_type="shipment",
-        aggregate_id=str(shipment.order_id),
-        event_type=event_type,
-        payload=shipment.model_dump(mode="json"),
-    )
-    return shipment
+@dataclass(frozen=True)
+class CancelShipment:
+    """Cancel an order's shipment (a compensation); first of all, leave a marker."""
 
+    order_id: uuid.UUID
 
-async def cancel_shipment(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Shipment]:
-    """Cancel the order's shipment; a cancel before any create leaves a 'cancelled' marker."""
-    existing = await store.lock_shipment(conn, order_id)
-    if existing is None:
-        await store.insert_shipment(conn, order_id, None, "cancelled")
-    elif existing["status"] == "created":
-        cancelled = Shipment(**dict(await store.cancel(conn, order_id)))
-        return 200, await _with_event(conn, cancelled, "shipment_cancelled")
-    return 200, await load_shipment(conn, order_id)
+    async def load(self, conn: DbConn, key: str) -> Loaded[Shipment | None]:
+        return await store.load_for_command(conn, key, self.order_id)
+
+    def decide(self, state: Shipment | None) -> Decision[Shipment]:
+        now = datetime.now(UTC)
+        if state is None:  # the cancel came first: the marker refuses the late create
+            marker = Shipment.cancelled_before_create(self.order_id, now=now)
+            return Decision(_answer(200, marker), marker)
+        cancelled = state.cancel(now=now)
+        return _changed(200, cancelled) if cancelled else Decision(_answer(200, state))
+
+    async def save(self, conn: DbConn, change: Shipment, recorded: Recorded) -> None:
+        if change.is_marker:  # a new row, shipping nothing
+            await store.insert_shipment(conn, change, recorded)
+        else:
+            await store.cancel_shipment(conn, change, recorded)
 
 
 async def load_shipment(conn: DbConn, order_id: uuid.UUID) -> Shipment:
-    """The shipment of an order as the API shows it."""
-    row = await store.shipment_of_order(conn, order_id)
-    if row is None:
+    """The shipment of an order; NotFound when it has none."""
+    shipment = await store.shipment_of_order(conn, order_id)
+    if shipment is None:
         raise NotFound(f"no shipment for order {order_id}")
-    return Shipment(**dict(row))
+    return shipment
