@@ -403,3 +403,109 @@ async def test_racing_cancels_cancel_once(shipping: httpx.AsyncClient, created: 
     assert len({a.json()["id"] for a in answers}) == 1  # one shipment, or one marker
     expected = ["shipment_created", "shipment_cancelled"] if created else []
     assert await outbox_events(shipping, order_id) == expected
+
+
+async def balance(client: httpx.AsyncClient, customer_id: str) -> str:
+    return str((await client.get(f"/customers/{customer_id}")).json()["balance"])
+
+
+async def test_racing_charges_of_one_order_under_other_keys_charge_once(
+    payment: httpx.AsyncClient,
+) -> None:
+    order_id = str(uuid.uuid4())
+    charge = {"order_id": order_id, "customer_id": "carol", "amount": "100.00"}
+    answers = await asyncio.gather(
+        *(payment.post("/payments", json=charge, headers=key()) for _ in range(12))
+    )
+    assert sorted(a.status_code for a in answers) == [200] * 11 + [201]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert await balance(payment, "carol") == "400.00"
+    assert await outbox_events(payment, order_id) == ["charged"]
+
+
+async def test_racing_charges_that_overdraw_decline_the_rest(payment: httpx.AsyncClient) -> None:
+    # Each charge loads a balance that covers it; those whose debit then finds it drained
+    # lost a race: they rerun, and are declined.
+    orders = [str(uuid.uuid4()) for _ in range(6)]
+    answers = await asyncio.gather(
+        *(
+            payment.post(
+                "/payments",
+                json={"order_id": order_id, "customer_id": "carol", "amount": "200.00"},
+                headers=key(),
+            )
+            for order_id in orders
+        )
+    )
+    assert sorted(a.status_code for a in answers) == [201, 201, 422, 422, 422, 422]
+    declined = [a.json() for a in answers if a.status_code == 422]
+    assert {(d["reason"], d["payment"]["status"]) for d in declined} == {
+        ("insufficient_funds", "declined")
+    }
+    assert await balance(payment, "carol") == "100.00"
+    events = [await outbox_events(payment, order_id) for order_id in orders]
+    assert sorted(events) == [["charged"]] * 2 + [["declined"]] * 4
+
+
+async def test_racing_charge_and_refund_of_one_order_conserve_the_balance(
+    payment: httpx.AsyncClient,
+) -> None:
+    order_id = str(uuid.uuid4())
+    charge = {"order_id": order_id, "customer_id": "carol", "amount": "120.00"}
+    calls = [
+        payment.post("/payments", json=charge, headers=key())
+        if i % 2 == 0
+        else payment.post(f"/payments/{order_id}/refund", headers=key())
+        for i in range(12)
+    ]
+    answers = await asyncio.gather(*calls)
+    charges, refunds = answers[0::2], answers[1::2]
+    # Charged then refunded, or voided by a refund that came first: never kept.
+    final = (await payment.get(f"/payments/{order_id}")).json()["status"]
+    assert final in ("refunded", "voided")
+    assert {(r.status_code, r.json()["status"]) for r in refunds} == {(200, final)}
+    statuses = [c.status_code for c in charges]
+    assert statuses.count(201) == (1 if final == "refunded" else 0)
+    assert set(statuses) <= {201, 200, 409}
+    assert {c.json()["reason"] for c in charges if c.status_code == 409} <= {final}
+    assert await balance(payment, "carol") == "500.00"
+    events = {"refunded": ["charged", "refunded"], "voided": []}[final]
+    assert await outbox_events(payment, order_id) == events
+
+
+@pytest.mark.parametrize(
+    ("amount", "balance_meanwhile", "decided", "rerun"),
+    [("100.00", "50.00", "charged", "declined"), ("600.00", "1000.00", "declined", "charged")],
+)
+async def test_a_charge_whose_balance_changed_after_its_load_writes_nothing(
+    payment: httpx.AsyncClient, amount: str, balance_meanwhile: str, decided: str, rerun: str
+) -> None:
+    from payment.commands import ChargeCustomer
+    from payment.models import ChargeRequest
+
+    order_id = str(uuid.uuid4())
+    request = {"order_id": order_id, "customer_id": "carol", "amount": amount}
+    command = ChargeCustomer(ChargeRequest.model_validate(request))
+    async with context_of(payment).db.pool.acquire() as conn:
+        decision = command.decide((await command.load(conn, "order/race")).state)
+        assert decision.change is not None
+        assert decision.change.status == decided
+        await conn.execute(
+            "UPDATE customers SET balance = $1::text::numeric WHERE id = 'carol'",
+            balance_meanwhile,
+        )
+        recorded = Recorded("order/race", "fingerprint", decision.answer, decision.event)
+        with pytest.raises(asyncpg.SerializationError):  # a lost race: command_raced()
+            await command.save(conn, decision.change, recorded)
+        loaded = await command.load(conn, "order/race")
+    # Nothing was written: no answer, no payment, no event, no money moved...
+    assert loaded.stored is None
+    existing, account = loaded.state
+    assert existing is None
+    assert account is not None
+    assert str(account.balance) == balance_meanwhile
+    assert await outbox_events(payment, order_id) == []
+    # ...and the rerun decides on the balance as it is now.
+    again = command.decide(loaded.state)
+    assert again.change is not None
+    assert again.change.status == rerun

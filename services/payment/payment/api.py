@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
 from typing import Annotated
 
 import asyncpg
@@ -12,30 +11,16 @@ from fastapi.responses import JSONResponse
 from ordermesh_shared.admin import IsAdmin
 from ordermesh_shared.auth import SERVICE_AUTH_RESPONSES, MaybeServiceCaller
 from ordermesh_shared.bootstrap import Ctx
+from ordermesh_shared.commands import fingerprint, run_command
 from ordermesh_shared.errors import NotFound
-from ordermesh_shared.idempotency import IdempotencyKey, request_hash, run_once
-from pydantic import BaseModel, Field
+from ordermesh_shared.idempotency import IdempotencyKey
 
 from payment import commands, store
-from payment.domain import ChargeRequest, Payment
+from payment.models import ChargeRequest, Customer, Payment
 
 router = APIRouter(tags=["customers"])
 
 CustomerId = Path(max_length=64, examples=["alice"], description="Customer id.")
-
-
-class Customer(BaseModel):
-    """A customer account; the balance only for the platform's services and admins."""
-
-    id: str = Field(examples=["alice"])
-    name: str = Field(examples=["Alice Martin"])
-    balance: Decimal | None = Field(
-        None,
-        examples=["100000.00"],
-        description=(
-            "What the customer can spend; shown only with a service token or X-Admin-Token."
-        ),
-    )
 
 
 async def sees_balances(caller: MaybeServiceCaller, admin: IsAdmin) -> bool:
@@ -95,12 +80,8 @@ async def get_customer(ctx: Ctx, private: SeesBalances, customer_id: str = Custo
 async def charge(
     body: ChargeRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
-    return await run_once(
-        ctx.db.pool,
-        key,
-        fingerprint=request_hash(body, path=request.url.path),
-        effect=lambda conn: commands.charge_customer(conn, body),
-    )
+    command = commands.ChargeCustomer(body)
+    return await run_command(ctx.db.pool, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -110,13 +91,11 @@ async def charge(
     response_model=Payment,
     responses=SERVICE_AUTH_RESPONSES,
 )
-async def refund(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResponse:
-    return await run_once(
-        ctx.db.pool,
-        key,
-        fingerprint=f"refund:{order_id}",
-        effect=lambda conn: commands.refund_customer(conn, order_id),
-    )
+async def refund(
+    order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
+) -> JSONResponse:
+    command = commands.RefundCustomer(order_id)
+    return await run_command(ctx.db.pool, key, fingerprint(request), command)
 
 
 @router.get(
@@ -127,4 +106,4 @@ async def refund(order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey) -> JSONResp
 )
 async def get_payment(order_id: uuid.UUID, ctx: Ctx) -> Payment:
     async with ctx.db.pool.acquire() as conn:
-        return await commands.load_payment(conn, order_id)
+        return Payment.of(await commands.load_payment(conn, order_id))

@@ -1,98 +1,97 @@
-"""Charge and refund: each runs inside the idempotent command's transaction."""
+"""Payment's commands: load, decide (in the domain), save; each one idempotent by key.
+
+>>> await run_command(pool, key, fingerprint(request, body), ChargeCustomer(body))
+"""
 
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
-from typing import Any
+from dataclasses import dataclass
 
+from ordermesh_shared.commands import Answer, Decision, Loaded, Recorded
 from ordermesh_shared.database import DbConn
-from ordermesh_shared.errors import Conflict, NotFound, Rejected
-from ordermesh_shared.outbox import add_event
+from ordermesh_shared.errors import NotFound
 
 from payment import store
-from payment.domain import ChargeRequest, Payment
+from payment.domain import Account, Payment
+from payment.models import ChargeRequest, declined_json
+from payment.models import Payment as PaymentAnswer
 
+ChargeState = tuple[Payment | None, Account | None]
 DECLINED = 422
 
 
-async def charge_customer(conn: DbConn, request: ChargeRequest) -> tuple[int, Any]:
+def _answer(status: int, payment: Payment) -> Answer:
+    """A declined payment is answered as a refusal that shows it; any other as itself."""
+    if payment.status == "declined":
+        return Answer(DECLINED, declined_json(payment))
+    return Answer(status, PaymentAnswer.json_of(payment))
+
+
+def _changed(status: int, payment: Payment) -> Decision[Payment]:
+    """Answer with the new state, save it, and tell the others (the event carries the
+    payment, also when the answer is a decline)."""
+    return Decision(
+        _answer(status, payment), payment, payment.event(PaymentAnswer.json_of(payment))
+    )
+
+
+@dataclass(frozen=True)
+class ChargeCustomer:
     """Charge once per order; a decline is recorded (and answered 422) like a charge."""
-    existing = await store.lock_payment(conn, request.order_id)
-    if existing is not None:
-        payment = await _refuse_if_voided(conn, request.order_id)
-        return (DECLINED, _declined(payment)) if payment.status == "declined" else (200, payment)
-    if await store.debit(conn, request.customer_id, request.amount):
-        payment = await _record(conn, request, "charged")
-        return 201, await _with_event(conn, payment, "charged")
-    # No debit: either nobody by that name, or not enough money.
-    if await store.get_customer(conn, request.customer_id) is None:
-        raise Rejected(f"unknown customer {request.customer_id!r}", reason="unknown_customer")
-    payment = await _record(conn, request, "declined", reason="insufficient_funds")
-    return DECLINED, _declined(await _with_event(conn, payment, "declined"))
 
+    request: ChargeRequest
 
-async def _with_event(conn: DbConn, payment: Payment, event_type: str) -> Payment:
-    await add_event(
-        conn,
-        aggregate_type="payment",
-        aggregate_id=str(payment.order_id),
-        event_type=event_type,
-        payload=payment.model_dump(mode="json"),
-    )
-    return payment
+    async def load(self, conn: DbConn, key: str) -> Loaded[ChargeState]:
+        request = self.request
+        return await store.load_for_charge(conn, key, request.order_id, request.customer_id)
 
-
-def _declined(payment: Payment) -> dict[str, Any]:
-    # Shaped like every other business rejection, with the recorded payment alongside.
-    return {
-        "detail": f"insufficient funds for a charge of {payment.amount}",
-        "reason": "insufficient_funds",
-        "payment": payment,
-    }
-
-
-async def _refuse_if_voided(conn: DbConn, order_id: uuid.UUID) -> Payment:
-    payment = await load_payment(conn, order_id)
-    if payment.status in ("voided", "refunded"):
-        raise Conflict(
-            f"the payment for this order was already {payment.status}; a late charge is refused",
-            reason=payment.status,
+    def decide(self, state: ChargeState) -> Decision[Payment]:
+        existing, account = state
+        if existing is not None:  # made under another key: answered, or refused if undone
+            existing.charge_again()
+            return Decision(_answer(200, existing))
+        request = self.request
+        payment = Payment.charge(
+            request.order_id, request.amount, customer_id=request.customer_id, account=account
         )
-    return payment
+        return _changed(201, payment)
+
+    async def save(self, conn: DbConn, change: Payment, recorded: Recorded) -> None:
+        if change.status == "charged":
+            await store.insert_charge(conn, change, recorded)
+        else:  # declined: recorded, no money moves
+            await store.insert_payment(conn, change, recorded)
 
 
-async def _record(
-    conn: DbConn, request: ChargeRequest, status: str, *, reason: str | None = None
-) -> Payment:
-    row = await store.insert_payment(
-        conn,
-        request.order_id,
-        customer_id=request.customer_id,
-        amount=request.amount,
-        status=status,
-        reason=reason,
-    )
-    return Payment(**dict(row))
+@dataclass(frozen=True)
+class RefundCustomer:
+    """Undo an order's charge (a compensation); first of all, leave a 'voided' marker."""
 
+    order_id: uuid.UUID
 
-async def refund_customer(conn: DbConn, order_id: uuid.UUID) -> tuple[int, Payment]:
-    """Undo the order's charge; a refund before any charge leaves a 'voided' marker."""
-    existing = await store.lock_payment(conn, order_id)
-    if existing is None:
-        await store.insert_payment(
-            conn, order_id, customer_id=None, amount=Decimal("0"), status="voided"
-        )
-    elif existing["status"] == "charged":
-        await store.credit(conn, existing["customer_id"], existing["amount"])
-        refunded = Payment(**dict(await store.set_status(conn, order_id, "refunded")))
-        return 200, await _with_event(conn, refunded, "refunded")
-    return 200, await load_payment(conn, order_id)
+    async def load(self, conn: DbConn, key: str) -> Loaded[Payment | None]:
+        return await store.load_for_command(conn, key, self.order_id)
+
+    def decide(self, state: Payment | None) -> Decision[Payment]:
+        if state is None:  # the refund came first: the marker refuses the late charge
+            marker = Payment.voided_before_charge(self.order_id)
+            return Decision(Answer(200, PaymentAnswer.json_of(marker)), marker)
+        refunded = state.refund()
+        if refunded is None:  # refunded, voided or declined: answered as it is
+            return Decision(Answer(200, PaymentAnswer.json_of(state)))
+        return _changed(200, refunded)
+
+    async def save(self, conn: DbConn, change: Payment, recorded: Recorded) -> None:
+        if change.status == "refunded":
+            await store.refund_charge(conn, change, recorded)
+        else:  # the marker: a new row that moves no money
+            await store.insert_payment(conn, change, recorded)
 
 
 async def load_payment(conn: DbConn, order_id: uuid.UUID) -> Payment:
-    """The payment of an order as the API shows it."""
-    row = await store.get_payment(conn, order_id)
-    if row is None:
+    """The payment of an order; NotFound when it has none."""
+    payment = await store.get_payment(conn, order_id)
+    if payment is None:
         raise NotFound(f"no payment for order {order_id}")
-    return Payment(**dict(row))
+    return payment
