@@ -14,8 +14,9 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from ordermesh_shared.admin import ADMIN_RESPONSES, RequireAdmin
 from ordermesh_shared.bootstrap import Ctx
+from ordermesh_shared.commands import fingerprint as fingerprint_of
 from ordermesh_shared.errors import RETRY_AFTER_SECONDS, Conflict, NotFound, ServiceError
-from ordermesh_shared.idempotency import KeyReused, request_hash
+from ordermesh_shared.idempotency import KeyReused
 from ordermesh_shared.resilience import remaining
 from ordermesh_shared.saga.store import SagaRow
 from pydantic import BaseModel, Field
@@ -119,7 +120,7 @@ async def place_order(
     body: PlaceOrderRequest, ctx: Ctx, request: Request, key: IdempotencyHeader = None
 ) -> JSONResponse:
     runtime = order_runtime(ctx)
-    fingerprint = request_hash(body, path="/orders")
+    fingerprint = fingerprint_of(request, body)
     try:
         order_id, saga = await _create_or_find(ctx, body, key, fingerprint)
     except Overloaded as exc:
