@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from ordermesh_shared.database import Database
 from ordermesh_shared.saga import SAGA_MIGRATIONS
@@ -83,7 +84,7 @@ async def test_every_write_of_another_owner_is_refused(stores: Stores) -> None:
         store.attempt_made(saga_id, "b/1", step="flight", direction="forward", error="x"),
         store.step_finished(saga_id, "b/1", step="flight", direction="forward", status="failed"),
         store.set_status(saga_id, "b/1", "compensating", "late"),
-        store.finish(saga_id, "b/1", status="completed", reason=None, done=None, on_finish=None),
+        store.finish(saga_id, "b/1", status="completed", reason=None, done=None, writes=None),
     ]
     for write in writes:
         with pytest.raises(LostOwnership):
@@ -94,34 +95,11 @@ async def test_every_write_of_another_owner_is_refused(stores: Stores) -> None:
     assert await store.statuses(saga_id) == {("flight", "forward"): "started"}
 
 
-async def test_a_failing_on_finish_leaves_the_saga_unfinished(stores: Stores) -> None:
-    store = stores.store
-    saga_id = await stores.insert("a/1")
-    await store.step_started(saga_id, "a/1", step="flight", direction="forward", position=0)
-
-    async def broken(_conn: Any, _reason: str | None) -> None:
-        raise RuntimeError("the order row could not be written")
-
-    with pytest.raises(RuntimeError):
-        await store.finish(
-            saga_id,
-            "a/1",
-            status="completed",
-            reason=None,
-            done=StepDone("flight", {"x": 1}),
-            on_finish=broken,
-        )
-    saga = await store.load(saga_id)
-    assert saga is not None
-    assert (saga.status, saga.data) == ("running", {})
-    assert await store.statuses(saga_id) == {("flight", "forward"): "started"}
-
-
 async def test_the_first_failure_reason_is_kept(stores: Stores) -> None:
     saga_id = await stores.insert("a/1")
     assert await stores.store.set_status(saga_id, "a/1", "compensating", "first") == "first"
     reason = await stores.store.finish(
-        saga_id, "a/1", status="cancelled", reason="second", done=None, on_finish=None
+        saga_id, "a/1", status="cancelled", reason="second", done=None, writes=None
     )
     assert reason == "first"
 
@@ -133,7 +111,7 @@ async def test_orphans_are_lapsed_leases_and_predecessors_only(stores: Stores) -
     live = await stores.insert("order-10/live")
     ended = await stores.insert("order-1/older")
     await store.finish(
-        ended, "order-1/older", status="completed", reason=None, done=None, on_finish=None
+        ended, "order-1/older", status="completed", reason=None, done=None, writes=None
     )
     claimed = await store.claim_orphans("order-1/new", instance="order-1", ttl=60)
     assert sorted(claimed) == sorted([lapsed, predecessor])
@@ -146,10 +124,46 @@ async def test_only_a_parked_saga_reopens(stores: Stores) -> None:
     saga_id = await stores.insert("a/1")
     assert not await stores.reopen(saga_id, "b/1")  # not parked
     await store.finish(
-        saga_id, "a/1", status="compensation_failed", reason="refused", done=None, on_finish=None
+        saga_id, "a/1", status="compensation_failed", reason="refused", done=None, writes=None
     )
     assert await stores.reopen(saga_id, "b/1")
     saga = await store.load(saga_id)
     assert saga is not None
     assert saga.status == "compensating"
     assert await store.own_unfinished("b/1") == [saga_id]
+
+
+class _BrokenWrites:
+    """A service write that fails in the statement ending the saga."""
+
+    def ctes(self, after: str, first: int) -> tuple[str, list[Any]]:
+        return f"broken AS (INSERT INTO no_such_table SELECT id FROM {after})", []
+
+    @property
+    def select(self) -> str:
+        return "0"
+
+
+async def test_a_failing_service_write_leaves_the_saga_unfinished(fresh_database: str) -> None:
+    """Postgres only (the in-memory store keeps writes, it runs no SQL): the saga's end and
+    the service's writes are one statement."""
+    async with Database(fresh_database) as db:
+        await db.migrate(SAGA_MIGRATIONS)
+        stores = Stores(PostgresSagaStore(lambda: db.pool), db)
+        saga_id = await stores.insert("a/1")
+        await stores.store.step_started(
+            saga_id, "a/1", step="flight", direction="forward", position=0
+        )
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await stores.store.finish(
+                saga_id,
+                "a/1",
+                status="completed",
+                reason=None,
+                done=StepDone("flight", {"x": 1}),
+                writes=_BrokenWrites(),
+            )
+        saga = await stores.store.load(saga_id)
+        assert saga is not None
+        assert (saga.status, saga.data) == ("running", {})
+        assert await stores.store.statuses(saga_id) == {("flight", "forward"): "started"}

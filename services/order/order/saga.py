@@ -13,7 +13,6 @@ so the order would be parked).
 
 from __future__ import annotations
 
-from ordermesh_shared.database import DbConn
 from ordermesh_shared.saga import SagaDefinition, SagaOutcome, Step, StepCall
 
 from order import store
@@ -66,16 +65,14 @@ def place_order_saga(
     )
 
 
-async def record_outcome(conn: DbConn, outcome: SagaOutcome) -> None:
-    """The order takes the saga's end state, in the transaction that records it."""
+def record_outcome(outcome: SagaOutcome) -> store.OrderEnd:
+    """The order takes the saga's end state, in the statement that records it."""
     status = "pending" if outcome.status in ("running", "compensating") else outcome.status
     reserved = outcome.results.find(Reserved)  # None when stock was never reserved
-    await store.finish_order(
-        conn,
+    return store.OrderEnd(
         outcome.saga_id,
-        status=status,
+        status,
         total=reserved.total if reserved else None,
         reason=outcome.reason,
         prices=reserved.prices if reserved else {},
     )
-    await store.order_event(conn, outcome.saga_id, status, {"reason": outcome.reason})

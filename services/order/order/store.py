@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 from ordermesh_shared.database import DbConn
-from ordermesh_shared.outbox import add_event
 from ordermesh_shared.outbox.store import event_ctes
 from ordermesh_shared.saga.engine import PreparedSaga
 
@@ -128,46 +128,46 @@ async def list_orders(
     )
 
 
-async def finish_order(
-    conn: DbConn,
-    order_id: uuid.UUID,
-    *,
-    status: str,
-    total: Decimal | None,
-    reason: str | None,
-    prices: Mapping[str, Decimal],
-) -> None:
-    """Record the saga's outcome on the order and the unit prices on its lines."""
-    await conn.execute(
-        "WITH header AS (UPDATE orders SET status = $2, total = COALESCE($3, total),"
-        "   failure_reason = $4, updated_at = now() WHERE id = $1)"
-        " UPDATE order_items i SET unit_price = p.price"
-        " FROM unnest($5::text[], $6::numeric[]) AS p(sku, price)"
-        " WHERE i.order_id = $1 AND i.sku = p.sku",
-        order_id,
-        status,
-        total,
-        reason if status != "completed" else None,
-        list(prices),
-        list(prices.values()),
-    )
+@dataclass(frozen=True)
+class OrderEnd:
+    """The order takes its saga's outcome (status, total, reason, the unit prices taken) and
+    tells the others (``order.<status>``): CTEs of the statement that ends the saga."""
+
+    order_id: uuid.UUID
+    status: str
+    total: Decimal | None
+    reason: str | None
+    prices: Mapping[str, Decimal]
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    def ctes(self, after: str, first: int) -> tuple[str, list[Any]]:
+        """The order's header, its lines' prices and the event, when ``after`` has a row."""
+        n = first
+        sql = (
+            f"header AS (UPDATE orders o SET status = ${n}, total = COALESCE(${n + 1}, o.total),"
+            f"   failure_reason = ${n + 2}, updated_at = now() FROM {after} f WHERE o.id = f.id"
+            "   RETURNING o.id),"
+            " priced AS (UPDATE order_items i SET unit_price = p.price FROM header h,"
+            f"   unnest(${n + 3}::text[], ${n + 4}::numeric[]) AS p(sku, price)"
+            "   WHERE i.order_id = h.id AND i.sku = p.sku),"
+        )
+        payload = {"order_id": str(self.order_id), "reason": self.reason}
+        event_sql, event_args = event_ctes(
+            self.event_id, "order", str(self.order_id), self.status, payload,
+            after="header", first=n + 5,
+        )  # fmt: skip
+        reason = self.reason if self.status != "completed" else None
+        values = [self.status, self.total, reason, list(self.prices), list(self.prices.values())]
+        return f"{sql} {event_sql}", [*values, *event_args]
+
+    @property
+    def select(self) -> str:
+        """Selecting the NOTIFY makes it run."""
+        return "(SELECT count(*) FROM woken)"
 
 
 async def reopen_order(conn: DbConn, order_id: uuid.UUID) -> None:
     """A parked order goes back to pending while its compensation is retried."""
     await conn.execute(
         "UPDATE orders SET status = 'pending', updated_at = now() WHERE id = $1", order_id
-    )
-
-
-async def order_event(
-    conn: DbConn, order_id: uuid.UUID, event_type: str, payload: Mapping[str, Any]
-) -> None:
-    """An order event through the outbox, in the caller's transaction."""
-    await add_event(
-        conn,
-        aggregate_type="order",
-        aggregate_id=str(order_id),
-        event_type=event_type,
-        payload={"order_id": str(order_id), **payload},
     )

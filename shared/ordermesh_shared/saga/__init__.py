@@ -4,6 +4,7 @@ from pathlib import Path
 
 from ordermesh_shared.database import MigrationSet
 from ordermesh_shared.saga.definition import (
+    FinishWrites,
     SagaDefinition,
     SagaOutcome,
     SagaPolicy,
@@ -19,6 +20,7 @@ SAGA_MIGRATIONS = MigrationSet("saga", Path(__file__).resolve().parent / "migrat
 
 __all__ = [
     "SAGA_MIGRATIONS",
+    "FinishWrites",
     "SagaDefinition",
     "SagaEngine",
     "SagaMetrics",

@@ -5,11 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import TypeAdapter
-
-from ordermesh_shared.database import DbConn
 
 InputT = TypeVar("InputT")
 ResultT = TypeVar("ResultT")
@@ -100,9 +98,26 @@ class Step(Generic[InputT]):
     result: type[Any] | None = None
 
 
+class FinishWrites(Protocol):
+    """What a service writes with its saga's end, in the one statement that ends it: CTEs
+    written only when the CTE named ``after`` returned a row (it has an ``id`` column: the
+    saga's id), so that nothing is written when the saga is no longer this process's."""
+
+    def ctes(self, after: str, first: int) -> tuple[str, list[Any]]:
+        """``name AS (...)`` entries joined by commas, and their parameters (numbered from
+        ``first``)."""
+        ...
+
+    @property
+    def select(self) -> str:
+        """A SQL expression selected at the end (Postgres runs a plain SELECT CTE, such as
+        a NOTIFY, only when something selects from it)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class SagaOutcome:
-    """How a saga ended, handed to ``on_finish`` inside the transaction that records it."""
+    """How a saga ended, handed to ``on_finish`` for what to write with it."""
 
     saga_id: uuid.UUID
     status: SagaStatus
@@ -129,7 +144,9 @@ class SagaDefinition(Generic[InputT]):
     steps: tuple[Step[InputT], ...]
     encode: Callable[[InputT], Mapping[str, Any]]
     decode: Callable[[Mapping[str, Any]], InputT]
-    on_finish: Callable[[DbConn, SagaOutcome], Awaitable[None]] | None = None
+    # What the service writes with the saga's end (the order takes its outcome), in the same
+    # statement; called once per end, before the statement runs.
+    on_finish: Callable[[SagaOutcome], FinishWrites | None] | None = None
     pivot: str | None = None
     by_name: dict[str, Step[InputT]] = field(init=False, repr=False)
 

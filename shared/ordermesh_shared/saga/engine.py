@@ -349,10 +349,19 @@ class SagaEngine:
                 continue
             if not await self._undo_step(definition.name, saga.id, step, position, value, results):
                 reason = f"compensation of {step.name} kept failing; retry via the operator API"
-                await self._finish(definition, saga.id, "compensation_failed", reason, results)
+                await self._finish(
+                    definition,
+                    saga.id,
+                    "compensation_failed",
+                    reason,
+                    results,
+                    first_reason=current.failure_reason,
+                )
                 self._count_end(definition, "compensation_failed", statuses)
                 return
-        await self._finish(definition, saga.id, "cancelled", None, results)
+        await self._finish(
+            definition, saga.id, "cancelled", None, results, first_reason=current.failure_reason
+        )
         self._count_end(definition, "cancelled", statuses)
 
     def _count_end(
@@ -414,15 +423,15 @@ class SagaEngine:
         results: StepResults,
         *,
         done: StepDone | None = None,
+        first_reason: str | None = None,
     ) -> None:
-        async def then(conn: Any, first_reason: str | None) -> None:
-            # In the transaction that ends the saga: the order takes its outcome with it.
-            if definition.on_finish is not None:
-                outcome = SagaOutcome(saga_id, status, first_reason, results)
-                await definition.on_finish(conn, outcome)
-
+        """End the saga with what its service writes with the end (``on_finish``), in one
+        statement. ``first_reason``: the failure that started the compensation, if any (this
+        process owns the saga, so nobody else can have changed it)."""
+        outcome = SagaOutcome(saga_id, status, first_reason or reason, results)
+        writes = definition.on_finish(outcome) if definition.on_finish is not None else None
         first = await self._store.finish(
-            saga_id, self.owner, status=status, reason=reason, done=done, on_finish=then
+            saga_id, self.owner, status=status, reason=reason, done=done, writes=writes
         )
         log.info("saga.finished", saga_id=str(saga_id), status=status, reason=first)
 

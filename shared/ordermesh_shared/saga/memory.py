@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ordermesh_shared.saga.store import LostOwnership, OnFinish, SagaRow, StepDone, data_json
+from ordermesh_shared.saga.definition import FinishWrites
+from ordermesh_shared.saga.store import LostOwnership, SagaRow, StepDone, data_json
 
 UNFINISHED = ("running", "compensating")
 
@@ -57,6 +58,7 @@ class InMemorySagaStore:
         self.clock = clock
         self.sagas: dict[uuid.UUID, StoredSaga] = {}
         self.steps: dict[tuple[uuid.UUID, str, str], StoredStep] = {}
+        self.writes: list[FinishWrites] = []  # what the sagas' ends asked to write
 
     def log(self, saga_id: uuid.UUID) -> dict[tuple[str, str], StoredStep]:
         """The step log of one saga, by (step, direction)."""
@@ -157,9 +159,10 @@ class InMemorySagaStore:
         status: str,
         reason: str | None,
         done: StepDone | None,
-        on_finish: OnFinish | None,
+        writes: FinishWrites | None,
     ) -> str | None:
-        # All or nothing, as the Postgres store's transaction: undone if on_finish raises.
+        # All or nothing, as the Postgres store's one statement. ``writes`` are SQL for the
+        # service's own tables: this store has none, so they are kept to be looked at.
         before = copy.deepcopy((self.sagas, self.steps))
         try:
             if done is not None:
@@ -167,11 +170,11 @@ class InMemorySagaStore:
                     saga_id, owner, step=done.step, direction="forward", data=done.data
                 )
             first = await self.set_status(saga_id, owner, status, reason)
-            if on_finish is not None:
-                await on_finish(None, first)
         except BaseException:
             self.sagas, self.steps = before
             raise
+        if writes is not None:
+            self.writes.append(writes)
         return first
 
     async def renew_leases(self, owner: str, ttl: float) -> None:

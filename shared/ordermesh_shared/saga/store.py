@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import asyncpg
 
 from ordermesh_shared.database import DbConn
+from ordermesh_shared.saga.definition import FinishWrites
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """A forward step that succeeded, with its results, recorded with what follows it."""
+
+    step: str
+    data: dict[str, Any]
 
 
 class LostOwnership(Exception):
@@ -254,32 +263,45 @@ async def set_status(
     return first
 
 
-async def last_step_and_status(
+async def finish_saga(
     conn: DbConn,
     saga_id: uuid.UUID,
     owner: str,
     *,
-    step: str,
-    data: Mapping[str, Any],
     status: str,
     reason: str | None,
+    done: StepDone | None,
+    writes: FinishWrites | None,
 ) -> str | None:
-    """Forward step ``step`` succeeded (with ``data``) and the saga moves to ``status``: both in
-    one statement (:func:`step_succeeded` then :func:`set_status` cost two round trips).
-    Returns the first failure reason, as :func:`set_status` does; like both, raises
-    :class:`LostOwnership` when the saga (or its step) is not this owner's to write."""
+    """End the saga (with ``done``: its last forward step succeeded) and write ``writes``
+    with it: one statement, all or nothing. Returns the first failure reason; raises
+    :class:`LostOwnership` (nothing written) when the saga or its step is not this owner's."""
+    if done is None:
+        head = (
+            "WITH owned AS (UPDATE sagas SET status = $3,"
+            "   failure_reason = COALESCE(failure_reason, $4), updated_at = now()"
+            "   WHERE id = $1 AND owner = $2 RETURNING id, failure_reason)"
+        )
+        args: list[Any] = [saga_id, owner, status, reason]
+        after, where = "owned", ""
+    else:
+        head = (
+            "WITH owned AS (UPDATE sagas SET data = data || $5::jsonb, status = $3,"
+            "   failure_reason = COALESCE(failure_reason, $4), updated_at = now()"
+            "   WHERE id = $1 AND owner = $2 RETURNING id, failure_reason),"
+            " done AS (UPDATE saga_steps SET status = 'succeeded', attempts = attempts + 1,"
+            "   finished_at = now() WHERE saga_id = (SELECT id FROM owned) AND step = $6"
+            "   AND direction = 'forward' RETURNING saga_id AS id)"
+        )
+        args = [saga_id, owner, status, reason, data_json(done.data), done.step]
+        after, where = "done", " WHERE EXISTS (SELECT 1 FROM done)"
+    ctes, select = "", ""
+    if writes is not None:
+        more, more_args = writes.ctes(after, len(args) + 1)
+        ctes, select = f", {more}", f", {writes.select} AS written"
+        args += more_args
     row = await conn.fetchrow(
-        "WITH owned AS (UPDATE sagas SET data = data || $3::jsonb, status = $5,"
-        "   failure_reason = COALESCE(failure_reason, $6), updated_at = now()"
-        "   WHERE id = $1 AND owner = $2 RETURNING id, failure_reason),"
-        f" done AS ({_FORWARD_STEP_DONE} RETURNING 1)"
-        " SELECT failure_reason FROM owned WHERE EXISTS (SELECT 1 FROM done)",
-        saga_id,
-        owner,
-        data_json(data),
-        step,
-        status,
-        reason,
+        f"{head}{ctes} SELECT failure_reason{select} FROM owned{where}", *args
     )
     if row is None:
         raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
@@ -360,18 +382,6 @@ async def reopen_parked(conn: DbConn, saga_id: uuid.UUID, owner: str, ttl: float
 
 # -- the store the engine talks to ---------------------------------------------------------
 
-# Runs in the transaction that ends a saga, given that transaction's connection (None in a
-# store without one, such as the in-memory store of unit tests) and the first failure reason.
-OnFinish = Callable[[Any, str | None], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class StepDone:
-    """A forward step that succeeded, with its results, recorded with what follows it."""
-
-    step: str
-    data: dict[str, Any]
-
 
 class SagaStore(Protocol):
     """Where the engine keeps sagas and their step logs. Every write names the owner and
@@ -444,10 +454,10 @@ class SagaStore(Protocol):
         status: str,
         reason: str | None,
         done: StepDone | None,
-        on_finish: OnFinish | None,
+        writes: FinishWrites | None,
     ) -> str | None:
-        """End the saga (with ``done``: its last step's success) and run ``on_finish``, all
-        in one transaction; returns the first failure reason."""
+        """End the saga (with ``done``: its last step's success) together with the service's
+        ``writes``, all or nothing; returns the first failure reason."""
 
     async def renew_leases(self, owner: str, ttl: float) -> None:
         """Keep the owner's unfinished sagas."""
@@ -555,24 +565,12 @@ class PostgresSagaStore:
         status: str,
         reason: str | None,
         done: StepDone | None,
-        on_finish: OnFinish | None,
+        writes: FinishWrites | None,
     ) -> str | None:
-        async with self._pool().acquire() as conn, conn.transaction():
-            if done is not None:  # the last step's success, committed with the end
-                first = await last_step_and_status(
-                    conn,
-                    saga_id,
-                    owner,
-                    step=done.step,
-                    data=done.data,
-                    status=status,
-                    reason=reason,
-                )
-            else:
-                first = await set_status(conn, saga_id, owner, status, reason)
-            if on_finish is not None:
-                await on_finish(conn, first)
-        return first
+        async with self._pool().acquire() as conn:  # one statement: no transaction to open
+            return await finish_saga(
+                conn, saga_id, owner, status=status, reason=reason, done=done, writes=writes
+            )
 
     async def renew_leases(self, owner: str, ttl: float) -> None:
         async with self._pool().acquire() as conn:
