@@ -15,15 +15,13 @@ from fastapi.responses import JSONResponse
 from ordermesh_shared.admin import ADMIN_RESPONSES, RequireAdmin
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.commands import fingerprint as fingerprint_of
-from ordermesh_shared.errors import RETRY_AFTER_SECONDS, Conflict, NotFound, ServiceError
-from ordermesh_shared.idempotency import KeyReused
+from ordermesh_shared.errors import NotFound, ServiceError
 from ordermesh_shared.resilience import remaining
-from ordermesh_shared.saga.store import SagaRow
 from pydantic import BaseModel, Field
 
-from order import store
+from order import commands, store
 from order.app_state import order_runtime
-from order.domain import TERMINAL_STATUSES, OrderStatus, PlaceOrder, PlaceOrderRequest
+from order.domain import TERMINAL_STATUSES, OrderStatus, PlaceOrderRequest
 
 router = APIRouter(tags=["orders"])
 
@@ -122,20 +120,20 @@ async def place_order(
     runtime = order_runtime(ctx)
     fingerprint = fingerprint_of(request, body)
     try:
-        order_id, saga = await _create_or_find(ctx, body, key, fingerprint)
-    except Overloaded as exc:
+        placed = await commands.place(runtime, ctx.db.pool, body, key=key, fingerprint=fingerprint)
+    except commands.Overloaded as exc:
         runtime.admission.shed.inc()
         return exc.response()
-    # No await between the end of _create_or_find and launch: the saga is counted by
+    # No await between the end of place() and launch: the saga is counted by
     # admission.creating() until engine.in_flight counts it.
-    if saga is not None:
-        runtime.engine.launch(order_id, saga)
-    await runtime.engine.wait(order_id, timeout=saga_wait(runtime.wait))
-    order = await load_order(ctx, order_id)
+    if placed.saga is not None:
+        runtime.engine.launch(placed.order_id, placed.saga)
+    await runtime.engine.wait(placed.order_id, timeout=saga_wait(runtime.wait))
+    order = await load_order(ctx, placed.order_id)
     return _placed(
         order,
-        created=saga is not None,
-        location=str(request.url_for("get_order", order_id=order_id)),
+        created=placed.saga is not None,
+        location=str(request.url_for("get_order", order_id=placed.order_id)),
     )
 
 
@@ -151,62 +149,6 @@ def saga_wait(configured: float) -> float:
     if left is None:
         return configured
     return max(0.0, min(configured, left - max(ANSWER_MARGIN, 0.2 * left)))
-
-
-async def _create_or_find(
-    ctx: Ctx, body: PlaceOrderRequest, key: str | None, fingerprint: str
-) -> tuple[uuid.UUID, SagaRow | None]:
-    """The new order and its saga (to launch), or the order this key created earlier;
-    :class:`Overloaded` when this instance may start no saga and there is no earlier order."""
-    runtime = order_runtime(ctx)
-    if runtime.admission.full:
-        return await _earlier_order(ctx, key, fingerprint, limit=runtime.admission.limit), None
-    order_id = uuid.uuid4()
-    saga = runtime.engine.prepare(
-        runtime.definition, order_id, PlaceOrder.from_request(order_id, body)
-    )
-    with runtime.admission.creating():
-        async with ctx.db.pool.acquire() as conn:
-            if await store.place_order(
-                conn, order_id, body, idempotency_key=key, request_hash=fingerprint, saga=saga
-            ):
-                return order_id, saga.row
-            existing = await store.order_for_key(conn, key or "")
-    assert existing is not None
-    return _replayed(existing, key, fingerprint), None
-
-
-async def _earlier_order(ctx: Ctx, key: str | None, fingerprint: str, *, limit: int) -> uuid.UUID:
-    """Under overload: the order this key created earlier (a replay creates nothing, so it is
-    not shed), else :class:`Overloaded`."""
-    if key is not None:
-        async with ctx.db.pool.acquire() as conn:
-            existing = await store.order_for_key(conn, key)
-        if existing is not None:
-            return _replayed(existing, key, fingerprint)
-    raise Overloaded(
-        f"this order instance is running its limit of {limit} sagas; nothing was created,"
-        " retry after Retry-After",
-        reason="overloaded",
-    )
-
-
-def _replayed(existing: Any, key: str | None, fingerprint: str) -> uuid.UUID:
-    if existing["request_hash"] != fingerprint:
-        raise KeyReused(f"Idempotency-Key {key!r} was already used for a different order")
-    order_id: uuid.UUID = existing["id"]
-    return order_id
-
-
-class Overloaded(ServiceError):
-    """Too many sagas in flight here: shed, don't queue (429 with ``Retry-After``)."""
-
-    status_code = 429
-
-    def response(self) -> JSONResponse:
-        """The 429 answer (the shared handler sets no headers)."""
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-        return JSONResponse(self.body(), status_code=self.status_code, headers=headers)
 
 
 def _placed(order: Order, *, created: bool, location: str) -> JSONResponse:
@@ -298,12 +240,5 @@ class InvalidCursor(ServiceError):
     },
 )
 async def retry_order(ctx: Ctx, order_id: uuid.UUID) -> Order:
-    runtime = order_runtime(ctx)
-    async with ctx.db.pool.acquire() as conn, conn.transaction():
-        if await store.get_order(conn, order_id) is None:
-            raise NotFound(f"no order with id {order_id}")
-        if not await runtime.engine.reopen(conn, order_id):
-            raise Conflict("only a compensation_failed order can be retried")
-        await store.reopen_order(conn, order_id)
-    runtime.engine.launch(order_id)
+    await commands.retry(order_runtime(ctx), ctx.db.pool, order_id)
     return await load_order(ctx, order_id)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
+from ordermesh_shared.idempotency import KeyReused
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 OrderStatus = Literal["pending", "completed", "cancelled", "compensation_failed"]
@@ -118,6 +119,29 @@ class Shipped:
     """create_shipment's result."""
 
     shipment_id: uuid.UUID
+
+
+# A saga's end states are the order's; while it runs, the order is pending.
+_ENDED: dict[str, OrderStatus] = {
+    "completed": "completed",
+    "cancelled": "cancelled",
+    "compensation_failed": "compensation_failed",
+}
+
+
+def order_status(saga_status: str) -> OrderStatus:
+    """The order's status for its saga's: pending until the saga ends, then the same."""
+    return _ENDED.get(saga_status, "pending")
+
+
+def replayed(
+    order_id: uuid.UUID, stored_fingerprint: str, fingerprint: str, key: str | None
+) -> uuid.UUID:
+    """The order an Idempotency-Key created, for a replay of the same request; a key reused
+    with another request is refused (422)."""
+    if stored_fingerprint != fingerprint:
+        raise KeyReused(f"Idempotency-Key {key!r} was already used for a different order")
+    return order_id
 
 
 @functools.cache

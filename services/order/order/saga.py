@@ -13,9 +13,9 @@ so the order would be parked).
 
 from __future__ import annotations
 
-from ordermesh_shared.saga import SagaDefinition, SagaOutcome, Step, StepCall
+from ordermesh_shared.saga import SagaDefinition, Step, StepCall
 
-from order import store
+from order import commands
 from order.clients import OrderClients
 from order.domain import Charged, PlaceOrder, Reserved, Shipped
 
@@ -60,19 +60,6 @@ def place_order_saga(
         ),
         encode=PlaceOrder.to_json,
         decode=PlaceOrder.from_json,
-        on_finish=record_outcome,
+        on_finish=commands.finish,
         pivot="create_shipment",
-    )
-
-
-def record_outcome(outcome: SagaOutcome) -> store.OrderEnd:
-    """The order takes the saga's end state, in the statement that records it."""
-    status = "pending" if outcome.status in ("running", "compensating") else outcome.status
-    reserved = outcome.results.find(Reserved)  # None when stock was never reserved
-    return store.OrderEnd(
-        outcome.saga_id,
-        status,
-        total=reserved.total if reserved else None,
-        reason=outcome.reason,
-        prices=reserved.prices if reserved else {},
     )
