@@ -11,7 +11,8 @@ import uuid
 from dataclasses import replace
 
 import pytest
-from ordermesh_shared.saga import SagaDefinition, SagaEngine, StepFailed
+import structlog
+from ordermesh_shared.saga import SagaDefinition, SagaEngine, StepCall, StepFailed
 from ordermesh_shared.saga.memory import InMemorySagaStore
 
 from tests.support.sagas import FAST, PRICE, Booked, Trip, World
@@ -163,3 +164,26 @@ def test_a_step_returning_another_type_than_it_declares_is_a_bug() -> None:
     definition = world.definition()
     with pytest.raises(TypeError, match="returned a dict, not a Booked"):
         definition.encode_result(definition.steps[0], {"price": "12.50"})
+
+
+async def test_every_line_logged_while_a_saga_runs_names_it() -> None:
+    world = World()
+    world.failures["hotel"] = [ConnectionError("reset")]
+
+    async def hotel_logs(call: StepCall[Trip]) -> Booked:
+        structlog.get_logger("participant").info("calling the hotel")
+        return await hotel.action(call)  # type: ignore[return-value]
+
+    plain = world.definition()
+    hotel = plain.steps[1]
+    definition = replace(
+        plain, steps=(plain.steps[0], replace(hotel, action=hotel_logs), *plain.steps[2:])
+    )
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        store = await run_one(world, definition)
+    (saga_id,) = store.sagas
+    mine = [line for line in logs if line["event"] in ("calling the hotel", "saga.finished")]
+    assert len(mine) == 3  # the step twice (one fault), the end once
+    assert {line.get("saga_id") for line in mine} == {str(saga_id)}

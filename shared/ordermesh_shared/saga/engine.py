@@ -196,6 +196,9 @@ class SagaEngine:
             log.error("saga.crashed", saga_id=str(saga_id), exc_info=exc)
 
     async def _run(self, saga_id: uuid.UUID, created: SagaRow | None) -> None:
+        # The saga's own task (and its compensation's, a copy): every line logged while it
+        # runs names it, the step clients' included.
+        structlog.contextvars.bind_contextvars(saga_id=str(saga_id))
         try:
             saga = created or await self._store.load(saga_id)
             if saga is None or saga.status in TERMINAL:
