@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,10 +61,14 @@ class ServiceContext:
     registry: Registry
     tasks: BackgroundTasks
     clients: ServiceClient
-    extras: dict[str, Any] = field(default_factory=dict)
+    # What the service's own setup hook yielded (the order service: its saga runtime); its
+    # routes read it through a typed dependency of their own.
+    service_state: object = None
 
 
-Setup = Callable[[ServiceContext], AbstractAsyncContextManager[None]]
+# A service's own start-up and shutdown, around its requests; what it yields is kept in
+# ``ServiceContext.service_state``.
+Setup = Callable[[ServiceContext], AbstractAsyncContextManager[object]]
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ def _lifespan(
             )
             install_outbox(app, ctx)  # lag monitor, quarantine admin, relay (waits for migrations)
             if spec.setup is not None:
-                await stack.enter_async_context(spec.setup(ctx))
+                ctx.service_state = await stack.enter_async_context(spec.setup(ctx))
             ctx.tasks.supervise(lambda: keep_registered(ctx), name="presence")
             # Inbox, idempotency keys, timeline, finished sagas' steps: each replica prunes.
             pruner = Pruner(

@@ -14,7 +14,7 @@ from ordermesh_shared.saga import SAGA_MIGRATIONS, SagaEngine, SagaMetrics, Saga
 from pydantic import Field
 
 from order.api import router
-from order.app_state import RUNTIME_KEY, OrderRuntime, SagaAdmission
+from order.app_state import OrderRuntime, SagaAdmission
 from order.clients import OrderClients
 from order.saga import place_order_saga
 from order.timeline import start_timeline, timeline_router
@@ -51,7 +51,7 @@ class OrderSettings(ServiceSettings):
 
 def _saga_setup(settings: OrderSettings) -> Setup:
     @asynccontextmanager
-    async def setup(ctx: ServiceContext) -> AsyncIterator[None]:
+    async def setup(ctx: ServiceContext) -> AsyncIterator[OrderRuntime]:
         definition = place_order_saga(
             OrderClients(ctx.clients), step_timeout=settings.saga_step_timeout
         )
@@ -70,10 +70,9 @@ def _saga_setup(settings: OrderSettings) -> Setup:
             admission = SagaAdmission(
                 engine, limit=settings.max_in_flight_sagas, registry=ctx.metrics.registry
             )
-            runtime = OrderRuntime(engine, definition, settings.order_wait, admission)
-            ctx.extras[RUNTIME_KEY] = runtime
             start_timeline(ctx)
-            yield
+            # What the routes get through order_runtime (kept by the bootstrap).
+            yield OrderRuntime(engine, definition, settings.order_wait, admission)
 
     return setup
 

@@ -12,8 +12,6 @@ from prometheus_client import CollectorRegistry, Counter
 
 from order.domain import PlaceOrder
 
-RUNTIME_KEY = "order"
-
 
 class SagaAdmission:
     """Bounds the sagas this instance runs: those running (the engine's ``in_flight``) plus
@@ -64,6 +62,8 @@ class OrderRuntime:
 
 
 def order_runtime(ctx: ServiceContext) -> OrderRuntime:
-    """The order runtime the lifespan put on the context."""
-    runtime: OrderRuntime = ctx.extras[RUNTIME_KEY]
+    """The order runtime the service's setup yielded (the bootstrap keeps it)."""
+    runtime = ctx.service_state
+    if not isinstance(runtime, OrderRuntime):
+        raise RuntimeError("the order service's setup has not started (or is not order's)")
     return runtime

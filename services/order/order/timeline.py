@@ -26,7 +26,7 @@ from fastapi import APIRouter
 from ordermesh_shared.bootstrap import Ctx, ServiceContext
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.errors import NotFound
-from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
+from ordermesh_shared.messaging.consumer import ConsumerMetrics, EventConsumer, Subscription
 from ordermesh_shared.messaging.envelope import Event
 from ordermesh_shared.messaging.wiring import start_consumer
 from pydantic import BaseModel, Field
@@ -112,7 +112,8 @@ def timeline_subscription() -> Subscription:
 
 def start_timeline(ctx: ServiceContext) -> EventConsumer:
     """Consume the stream into the timeline for the life of the service."""
-    return start_consumer(ctx, timeline_subscription())
+    metrics = ConsumerMetrics(ctx.metrics.registry)  # the service's only consumer
+    return start_consumer(ctx.db, ctx.broker, ctx.tasks, metrics, timeline_subscription())
 
 
 @timeline_router.get(
