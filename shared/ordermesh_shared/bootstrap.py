@@ -34,7 +34,7 @@ from ordermesh_shared.health import Health, health_router
 from ordermesh_shared.inputs import BodyLimitMiddleware, refuse_unstorable_input
 from ordermesh_shared.logging import configure_logging
 from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
-from ordermesh_shared.outbox.wiring import install_outbox
+from ordermesh_shared.outbox.wiring import OutboxSite, install_outbox
 from ordermesh_shared.resilience import (
     DeadlineMiddleware,
     ServiceClient,
@@ -165,7 +165,19 @@ def _lifespan(
                 prepare_database(ctx.db, spec.migrations, extra=spec.extra_migrations),
                 name="migrate",
             )
-            install_outbox(app, ctx)  # lag monitor, quarantine admin, relay (waits for migrations)
+            # Lag monitor, quarantine admin, relay (it waits for the migrations).
+            install_outbox(
+                OutboxSite(
+                    app,
+                    ctx.settings,
+                    ctx.instance,
+                    ctx.db,
+                    ctx.broker,
+                    ctx.tasks,
+                    ctx.health,
+                    ctx.metrics.registry,
+                )
+            )
             if spec.setup is not None:
                 ctx.service_state = await stack.enter_async_context(spec.setup(ctx))
             ctx.tasks.supervise(lambda: keep_registered(ctx), name="presence")

@@ -13,26 +13,31 @@ detail ``outbox_relay``: ``standby``, ``leading`` or ``fenced_out``):
   instance of the service (say so explicitly: it is not a fallback taken silently).
 * ``off`` — no relay in this process (another process relays).
 
->>> install_outbox(app, ctx)     # in the lifespan, after the migrations task was started
+>>> install_outbox(OutboxSite(app, settings, instance, db, broker, tasks, health, registry))
+... # in the lifespan, after the migrations task was started
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast, get_args
+from dataclasses import dataclass
+from typing import Literal, cast, get_args
 
 import structlog
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
+from ordermesh_shared.broker import Broker
+from ordermesh_shared.config import ServiceSettings
 from ordermesh_shared.coordination import Election, StaleToken, fence
-from ordermesh_shared.database import DbConn
+from ordermesh_shared.database import Database, DbConn
+from ordermesh_shared.discovery import ServiceInstance
 from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.health import Health
 from ordermesh_shared.outbox.admin import fence_admin_router, outbox_admin_router
 from ordermesh_shared.outbox.metrics import OutboxMetrics, OutboxMonitor
 from ordermesh_shared.outbox.rebase import RelayFence
 from ordermesh_shared.outbox.relay import Fence, FencedOut, OutboxRelay, SoleLeader, no_fence
-
-if TYPE_CHECKING:
-    from ordermesh_shared.bootstrap import ServiceContext
+from ordermesh_shared.tasks import BackgroundTasks
 
 log = structlog.get_logger(__name__)
 
@@ -87,34 +92,49 @@ async def run_elected(relay: OutboxRelay, *, etcd_url: str, instance_id: str) ->
         await relay.run(election)
 
 
-def install_outbox(app: FastAPI, ctx: ServiceContext) -> None:
+@dataclass(frozen=True)
+class OutboxSite:
+    """What the outbox of one service instance runs on (its part of the service context)."""
+
+    app: FastAPI
+    settings: ServiceSettings
+    instance: ServiceInstance
+    db: Database
+    broker: Broker
+    tasks: BackgroundTasks
+    health: Health
+    registry: CollectorRegistry  # the app's Prometheus registry
+
+
+def install_outbox(site: OutboxSite) -> None:
     """Monitor, admin routes and (by mode) the relay, as background tasks of the service."""
-    metrics = OutboxMetrics(ctx.metrics.registry)
-    monitor = OutboxMonitor(ctx.db, metrics)
-    ctx.health.add_detail("outbox", monitor.lag_json)
+    app, db, health, tasks = site.app, site.db, site.health, site.tasks
+    metrics = OutboxMetrics(site.registry)
+    monitor = OutboxMonitor(db, metrics)
+    health.add_detail("outbox", monitor.lag_json)
     app.include_router(outbox_admin_router())
-    ctx.tasks.supervise(monitor.run, name="outbox-monitor")
-    mode = relay_mode(ctx.settings)
-    service = ctx.instance.service
+    tasks.supervise(monitor.run, name="outbox-monitor")
+    mode = relay_mode(site.settings)
+    service = site.instance.service
+    etcd_url = site.settings.etcd_url
     log.info("outbox.relay_mode", mode=mode)
-    site = None if mode == "standalone" else relay_site(service, ctx.settings.etcd_url)
+    fence_site = None if mode == "standalone" else relay_site(service, etcd_url)
     if mode == "off":  # another process relays (its fence can still be looked at here)
-        app.include_router(fence_admin_router(site, status=None, quiet=REBASE_QUIET))
+        app.include_router(fence_admin_router(fence_site, status=None, quiet=REBASE_QUIET))
         return
     fenced = relay_fence(service) if mode == "elected" else no_fence
-    relay = OutboxRelay(ctx.db, ctx.broker, service=service, fence=fenced, metrics=metrics)
-    app.include_router(fence_admin_router(site, status=relay.status, quiet=REBASE_QUIET))
+    relay = OutboxRelay(db, site.broker, service=service, fence=fenced, metrics=metrics)
+    app.include_router(fence_admin_router(fence_site, status=relay.status, quiet=REBASE_QUIET))
     # Advisory: a relay fenced out (etcd lost its data) makes the status "degraded" and says
     # what to do, but the instance stays ready and registered. Its HTTP work does not need
     # the relay (events wait in the outbox), and every instance is fenced out alike: taking
     # them out of the registry would turn a stalled event stream into a full outage.
-    ctx.health.add_check("outbox_relay", relay.status.check, critical=False)
-    ctx.health.add_detail("outbox_relay", relay.status.as_json)
+    health.add_check("outbox_relay", relay.status.check, critical=False)
+    health.add_detail("outbox_relay", relay.status.as_json)
     if mode == "standalone":
-        ctx.tasks.supervise(lambda: relay.run(SoleLeader()), name="outbox-relay")
+        tasks.supervise(lambda: relay.run(SoleLeader()), name="outbox-relay")
         return
-    instance_id = ctx.instance.instance_id
-    etcd_url = ctx.settings.etcd_url
-    ctx.tasks.supervise(
+    instance_id = site.instance.instance_id
+    tasks.supervise(
         lambda: run_elected(relay, etcd_url=etcd_url, instance_id=instance_id), name="outbox-relay"
     )
