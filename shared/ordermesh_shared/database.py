@@ -221,21 +221,33 @@ def _refuse_edited(migrations: list[Migration], done: dict[int, str]) -> None:
             raise ValueError(f"migration {m.name} changed after it was applied; add a new one")
 
 
-# SQLSTATE classes that pass with time: connection exception, transaction rollback
-# (serialization failure, deadlock), insufficient resources (53300 "too many connections"),
-# operator intervention (57P01 "terminating connection", 57P03 "starting up").
-_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
+# SQLSTATE classes of a server that is away or full: connection exception, insufficient
+# resources (53300 "too many connections"), operator intervention (57P01 "terminating
+# connection", 57P03 "starting up").
+_OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
+# Transaction rollback: a serialization failure or a deadlock; the same work again may pass.
+_LOST_RACE_SQLSTATE_CLASS = "40"
+
+
+def _sqlstate_class(exc: BaseException) -> str:
+    sqlstate = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    return (sqlstate or "")[:2]
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """True when the database is unreachable, starting up, shutting down or out of
+    connections (waiting may heal it), not that the statement was wrong."""
+    if isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.InternalClientError):
+        # OSError: refused, reset, timed out (TimeoutError is one); InterfaceError and
+        # InternalClientError: a connection closed or left in a bad state by a cut.
+        return True
+    return _sqlstate_class(exc) in _OUTAGE_SQLSTATE_CLASSES
 
 
 def is_transient_database_error(exc: BaseException) -> bool:
-    """True when the database is (briefly) away or busy, not when the work is wrong: a
-    broken migration or query will not heal by waiting, an unreachable server may."""
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-        return True  # refused, reset, timed out, or a connection closed mid-operation
-    if isinstance(exc, asyncpg.InternalClientError):
-        return True  # a connection left in a bad protocol state by a cut
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    """True when waiting and trying again may heal it: an outage, or a transaction that lost
+    to another (serialization failure, deadlock). A broken migration or query will not."""
+    return is_database_outage(exc) or _sqlstate_class(exc) == _LOST_RACE_SQLSTATE_CLASS
 
 
 async def prepare_database(

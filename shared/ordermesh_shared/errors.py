@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from ordermesh_shared.database import DatabaseNotReady
+from ordermesh_shared.database import DatabaseNotReady, is_database_outage
 
 log = structlog.get_logger(__name__)
 
@@ -97,9 +97,6 @@ SHARED_RESPONSES: dict[int | str, dict[str, object]] = {
         "content": {"application/json": {"schema": _DETAIL_SCHEMA}},
     },
 }
-# SQLSTATE classes of a server that is going away or full: connection exception, insufficient
-# resources, operator intervention (starting up, shutting down, terminated).
-_OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
 
 
 class ServiceError(Exception):
@@ -143,14 +140,9 @@ class Unavailable(ServiceError):
 
 
 def database_outage(exc: BaseException) -> bool:
-    """True when ``exc`` says the database is unreachable, starting up, shutting down or out of
-    connections (waiting may heal it), not that the statement was wrong."""
-    if isinstance(
-        exc, DatabaseNotReady | OSError | asyncpg.InterfaceError | asyncpg.InternalClientError
-    ):
-        return True  # OSError includes refused connections and pool/connect timeouts
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES
+    """True when ``exc`` says the database is not there for us now (not ready, unreachable,
+    starting up, shutting down or out of connections), not that the statement was wrong."""
+    return isinstance(exc, DatabaseNotReady) or is_database_outage(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:
