@@ -10,7 +10,6 @@ sagas stay in flight as long as the test needs.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,63 +17,24 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from aiohttp import web
 from order.app import OrderSettings, order_spec
-from ordermesh_shared.discovery import ServiceInstance
 
 from tests.support.apps import running, wait_ready
 from tests.support.fakes import InMemoryRegistry
+from tests.support.participants import FakeParticipants
 
 pytestmark = pytest.mark.integration
 
 LIMIT = 2
 
 
-class HeldParticipants:
-    """Inventory, payment and shipping in one server; payments wait for ``release``."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.payments = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        if request.path == "/payments":
-            self.payments += 1
-            await self.release.wait()
-            return web.json_response({"id": str(uuid.uuid4())}, status=201)
-        if request.path == "/reservations":
-            body = await request.json()
-            lines = [{"sku": i["sku"], "unit_price": "10.00"} for i in body["items"]]
-            return web.json_response({"items": lines, "total": "10.00"}, status=201)
-        if request.path == "/shipments":
-            return web.json_response({"id": str(uuid.uuid4())}, status=201)
-        return web.json_response({})  # commit, and the compensations
-
-    @asynccontextmanager
-    async def serving(self, registry: InMemoryRegistry) -> AsyncIterator[None]:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        for service in ("inventory", "payment", "shipping"):
-            await registry.register(ServiceInstance(service, f"{service}-1", "127.0.0.1", port))
-        try:
-            yield
-        finally:
-            self.release.set()  # a held handler must not keep the runner's cleanup waiting
-            await runner.cleanup()
-
-
 @asynccontextmanager
 async def order_app(
     database: str, vhost: str, *, port: int
-) -> AsyncIterator[tuple[httpx.AsyncClient, HeldParticipants]]:
+) -> AsyncIterator[tuple[httpx.AsyncClient, FakeParticipants]]:
     """The order app with MAX_IN_FLIGHT_SAGAS=LIMIT, its participants held."""
     registry = InMemoryRegistry()
-    participants = HeldParticipants()
+    participants = FakeParticipants(hold_payments=True)
     settings = OrderSettings(
         database_url=database,
         rabbitmq_url=vhost,
@@ -117,7 +77,7 @@ async def wait_terminal(client: httpx.AsyncClient, location: str) -> str:
             await asyncio.sleep(0.05)
 
 
-async def hold_limit(client: httpx.AsyncClient, participants: HeldParticipants) -> list[str]:
+async def hold_limit(client: httpx.AsyncClient, participants: FakeParticipants) -> list[str]:
     """LIMIT orders whose sagas wait at payment; their Locations."""
     locations = []
     for n in range(LIMIT):

@@ -2,71 +2,26 @@
 long ``POST /orders`` waits for its answer, never the saga it started.
 
 The order service runs in-process on a real Postgres and RabbitMQ; the participants are one
-aiohttp server on loopback (reached through the real ServiceClient), with payment answering
-in 400 ms.
+aiohttp server on loopback (tests/support/participants.py), with payment answering in 400 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aiohttp import web
 from order.app import OrderSettings, order_spec
 from order.app_state import order_runtime
-from ordermesh_shared.discovery import ServiceInstance
 
 from tests.support.apps import running, wait_ready
 from tests.support.fakes import InMemoryRegistry
+from tests.support.participants import FakeParticipants
 
 pytestmark = pytest.mark.integration
 
 PAYMENT_TAKES = 0.4
-
-
-class Participants:
-    """Inventory, payment and shipping in one server; records every call it answers."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.commit_lost_until = 0.0  # loop time until which commits happen, answers lost
-
-    async def handle(self, request: web.Request) -> web.Response:
-        path = request.path
-        self.calls.append(f"{request.method} {path}")
-        if path.endswith("/commit") and asyncio.get_running_loop().time() < self.commit_lost_until:
-            await asyncio.sleep(2)  # longer than an attempt may take: its answer is lost
-        if path == "/payments":
-            await asyncio.sleep(PAYMENT_TAKES)
-            return web.json_response({"id": str(uuid.uuid4())}, status=201)
-        if path == "/reservations":
-            body = await request.json()
-            lines = [{"sku": i["sku"], "unit_price": "10.00"} for i in body["items"]]
-            return web.json_response({"items": lines, "total": "10.00"}, status=201)
-        if path == "/shipments":
-            return web.json_response({"id": str(uuid.uuid4())}, status=201)
-        return web.json_response({})  # commit, and the compensations
-
-    @asynccontextmanager
-    async def serving(self, registry: InMemoryRegistry) -> AsyncIterator[None]:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        for service in ("inventory", "payment", "shipping"):
-            instance = ServiceInstance(service, f"{service}-1", "127.0.0.1", port)
-            await registry.register(instance)
-        try:
-            yield
-        finally:
-            await runner.cleanup()
 
 
 async def wait_terminal(client: Any, location: str) -> dict[str, Any]:
@@ -82,7 +37,7 @@ async def test_a_300ms_request_deadline_does_not_bound_the_saga(
     fresh_database: str, rabbit_vhost: str
 ) -> None:
     registry = InMemoryRegistry()
-    participants = Participants()
+    participants = FakeParticipants(payment_delay=PAYMENT_TAKES)
     settings = OrderSettings(
         database_url=fresh_database,
         rabbitmq_url=rabbit_vhost,
@@ -136,7 +91,7 @@ async def test_a_replay_answers_at_once_and_leaves_nothing_behind(
     }
     key = {"Idempotency-Key": f"replay-{uuid.uuid4()}"}
     async with (
-        Participants().serving(registry),
+        FakeParticipants(payment_delay=PAYMENT_TAKES).serving(registry),
         running(order_spec(settings), settings, registry) as client,
     ):
         await wait_ready(client)
@@ -164,7 +119,7 @@ async def test_a_commit_whose_answers_are_lost_past_the_deadline_still_completes
     """commit_stock comes after the pivot (the shipment): answers lost for longer than the
     saga's forward deadline are retried until one arrives; nothing is refunded or released."""
     registry = InMemoryRegistry()
-    participants = Participants()
+    participants = FakeParticipants(payment_delay=PAYMENT_TAKES)
     settings = OrderSettings(
         database_url=fresh_database,
         rabbitmq_url=rabbit_vhost,
