@@ -110,6 +110,25 @@ start_postgres() {
     wait_until "$START_WAIT" pg_up || fail "PostgreSQL not ready after ${START_WAIT} s: see $log"
 }
 
+# Debian's default of 100 connections is used up by one test run beside a running stack and a
+# benchmark (four services x pools, relays, consumers). 300 costs a few MB of shared memory.
+PG_MAX_CONNECTIONS=300
+
+ensure_pg_connections() {
+    local now
+    now=$(cd / && runuser -u postgres -- psql -qAt -d postgres -c 'SHOW max_connections' 2>/dev/null) || return 0
+    ((now >= PG_MAX_CONNECTIONS)) && return 0
+    need_root "PostgreSQL allows only $now connections" "deploy/local/prereqs.sh"
+    echo "prereqs: raising PostgreSQL max_connections from $now to $PG_MAX_CONNECTIONS (restart)"
+    (cd / && runuser -u postgres -- psql -q -d postgres \
+        -c "ALTER SYSTEM SET max_connections = $PG_MAX_CONNECTIONS") >/dev/null
+    local version cluster
+    read -r version cluster < <(pg_lsclusters --no-header | awk -v port="$PG_PORT" \
+        '$3 == port { print $1, $2; exit }')
+    pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" restart
+    wait_until "$START_WAIT" pg_up || fail "PostgreSQL not ready after its restart"
+}
+
 env_value() { sed -n "s/^$1=//p" "$ENV_FILE" 2>/dev/null; }
 
 # The password is the one in POSTGRES_URL=postgresql://ordermesh:<password>@...
@@ -181,6 +200,7 @@ main() {
     install_packages
     install_uv
     start_postgres
+    ensure_pg_connections
     ensure_pg_role
     start_rabbitmq
 }
