@@ -32,7 +32,7 @@ import aiohttp
 import httpx
 from ordermesh_shared.discovery import ServiceInstance
 from ordermesh_shared.resilience import HttpxEngine, ServiceClient, StaticInstances
-from ordermesh_shared.resilience.engine import Engine
+from ordermesh_shared.resilience.transport import Engine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "client_cpu.json"
 TARGET_RATIO = 1.3

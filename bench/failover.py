@@ -41,7 +41,7 @@ import orjson
 from ordermesh_deploy.load import run_load
 from ordermesh_deploy.local import free_port
 from ordermesh_shared.discovery.etcd import EtcdRegistry
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 from ordermesh_shared.outbox import add_event
 from ordermesh_shared.resilience import (
     AiohttpEngine,
@@ -52,7 +52,7 @@ from ordermesh_shared.resilience import (
     UpstreamError,
     UpstreamResponse,
 )
-from ordermesh_shared.resilience.engine import EngineError
+from ordermesh_shared.resilience.transport import EngineError
 
 from bench.bare_saga import connect
 from bench.saga import TOP_UP_MONEY, TOP_UP_UNITS, Figure, LocalStack, Target, local_stack

@@ -44,8 +44,8 @@ import aio_pika
 import asyncpg
 import orjson
 from aio_pika.abc import AbstractExchange
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.messaging.envelope import OutgoingEvent, encode_event
 from ordermesh_shared.messaging.topology import Topology, declare_consumer_queue
 from ordermesh_shared.outbox import add_event
@@ -281,7 +281,7 @@ CONSUMER = """
 import asyncio, sys
 import uvloop
 from datetime import UTC, datetime
-from ordermesh_shared.broker import Broker
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.database import Database
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
 

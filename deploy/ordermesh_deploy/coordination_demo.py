@@ -45,7 +45,7 @@ from ordermesh_shared.coordination import (
     fence,
 )
 from ordermesh_shared.database import SHARED_MIGRATIONS, apply_migrations, load_migrations
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 from ordermesh_deploy.etcd_process import PrivateEtcd
 

@@ -18,7 +18,7 @@ import random
 from datetime import UTC, datetime
 from typing import Protocol
 
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 from ordermesh_shared.outbox.wiring import election_name
 
 from ordermesh_deploy import stacks

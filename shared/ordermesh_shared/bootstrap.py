@@ -24,7 +24,6 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from ordermesh_shared.auth import ServiceTokens
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.config import ServiceSettings, load_settings
 from ordermesh_shared.database import Database, MigrationSet, prepare_database
 from ordermesh_shared.discovery import Registry, RegistryError, ServiceInstance
@@ -33,6 +32,7 @@ from ordermesh_shared.faults import FaultInjectionMiddleware, Faults, fault_rout
 from ordermesh_shared.health import Health, health_router
 from ordermesh_shared.inputs import BodyLimitMiddleware, refuse_unstorable_input
 from ordermesh_shared.logging import configure_logging
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
 from ordermesh_shared.outbox.wiring import OutboxSite, install_outbox
 from ordermesh_shared.resilience import (

@@ -11,8 +11,8 @@ from __future__ import annotations
 import aiohttp
 import aiormq.exceptions
 
-from ordermesh_shared.broker import BrokerUnavailable
 from ordermesh_shared.database import DatabaseNotReady, is_transient_database_error
+from ordermesh_shared.messaging.broker import BrokerUnavailable
 
 _TRANSIENT: tuple[type[BaseException], ...] = (
     DatabaseNotReady,

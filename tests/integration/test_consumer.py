@@ -13,8 +13,8 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
 from ordermesh_shared.messaging.envelope import Event, OutgoingEvent, encode_event
 from ordermesh_shared.messaging.topology import (

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from ordermesh_shared.coordination import CampaignTimeout, Election, Term
 from ordermesh_shared.database import SHARED_MIGRATIONS, apply_migrations, load_migrations
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 from tests.support.etcd import EtcdServer
 from tests.support.procs import ChildProcess, python_child
@@ -24,7 +24,7 @@ TTL = 1.0  # etcd's minimum with the test servers' raft timings
 CONTENDER = """
 import asyncio, sys
 from ordermesh_shared.coordination import Election
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 async def lead(term):
     print(f"leading token={term.token}", flush=True)
@@ -46,7 +46,7 @@ import asyncio, signal, sys
 import asyncpg
 from ordermesh_shared.coordination import Election, StaleToken, fence
 
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 URL, NAME, ME, DSN = sys.argv[1:]
 last_token = 0

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from ordermesh_shared.etcd import (
+from ordermesh_shared.etcd_client import (
     Compare,
     EtcdClient,
     EtcdUnavailable,

@@ -19,10 +19,10 @@ import pytest
 from inventory.app import SPEC, InventorySettings
 from ordermesh_deploy import outbox_admin
 from ordermesh_shared.bootstrap import ServiceContext
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.coordination import Election, StaleToken, current_token, fence
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.outbox import add_event, wiring
 from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from ordermesh_shared.coordination import CoordinationUnavailable, Lock, LockBusy, LockTimeout
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 from tests.support.etcd import EtcdServer, free_port
 from tests.support.procs import python_child
@@ -24,7 +24,7 @@ EXPIRY_LAG = 0.5
 HOLDER = """
 import asyncio, sys
 from ordermesh_shared.coordination import Lock
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 async def main(url, name):
     async with EtcdClient(url) as etcd:
@@ -40,7 +40,7 @@ INCREMENTER = """
 import asyncio, os, sys
 import asyncpg
 from ordermesh_shared.coordination import Lock
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 async def main(url, name, dsn, times, go):
     conn = await asyncpg.connect(dsn)

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.coordination import Election
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
 from ordermesh_shared.messaging.envelope import Event
 from ordermesh_shared.outbox import add_event
@@ -41,10 +41,10 @@ LEASE_TTL = 1.0  # seconds; the private etcd's minimum
 # --elected it campaigns on etcd and fences its marks, like a service instance.
 CHILD_RELAY = """
 import asyncio, sys
-from ordermesh_shared.broker import Broker
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.coordination import Election
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader, no_fence
 from ordermesh_shared.outbox.wiring import election_name, relay_fence
 

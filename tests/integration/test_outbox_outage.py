@@ -12,8 +12,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
 from ordermesh_shared.messaging.envelope import Event
 from ordermesh_shared.outbox import add_event

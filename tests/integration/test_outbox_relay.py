@@ -19,14 +19,14 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
 from ordermesh_shared.messaging.envelope import Event, OutgoingEvent
+from ordermesh_shared.messaging.publisher import BatchOutcome
 from ordermesh_shared.messaging.topology import Topology, declare_consumer_queue
 from ordermesh_shared.outbox import NotInTransaction, add_event
 from ordermesh_shared.outbox import relay as relay_module
-from ordermesh_shared.outbox.publisher import BatchOutcome
 from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader
 from ordermesh_shared.outbox.store import (
     CLAIM_SQL,

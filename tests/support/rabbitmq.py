@@ -33,7 +33,7 @@ from typing import Self
 from urllib.parse import quote
 
 import pytest
-from ordermesh_shared.broker import Broker
+from ordermesh_shared.messaging.broker import Broker
 
 from tests.support.etcd import free_ports
 

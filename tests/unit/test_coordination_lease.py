@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 from ordermesh_shared.coordination import CoordinationUnavailable, LeaseKeeper, Lock
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 TTL = 0.5
 Keepalive = Callable[[], Awaitable[httpx.Response]]

@@ -7,7 +7,7 @@ from typing import Any, cast
 import pytest
 from ordermesh_shared.coordination import Election, Lock, fence
 from ordermesh_shared.database import DbConn
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 
 # Never contacted: every check here fails before any I/O.
 NOWHERE = EtcdClient("http://127.0.0.1:9")

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from ordermesh_shared.discovery.base import ServiceInstance
 from ordermesh_shared.discovery.etcd import decode_instance, encode_instance
-from ordermesh_shared.etcd import (
+from ordermesh_shared.etcd_client import (
     Compare,
     EtcdClient,
     EtcdError,

@@ -11,11 +11,11 @@ from typing import Any
 
 import aiormq.exceptions
 import pytest
-from ordermesh_shared.broker import BrokerUnavailable
+from ordermesh_shared.messaging import publisher as publisher_module
+from ordermesh_shared.messaging.broker import BrokerUnavailable
 from ordermesh_shared.messaging.envelope import OutgoingEvent
+from ordermesh_shared.messaging.publisher import EventPublisher, chains, is_outage, publish_in_order
 from ordermesh_shared.messaging.topology import Topology
-from ordermesh_shared.outbox import publisher as publisher_module
-from ordermesh_shared.outbox.publisher import EventPublisher, chains, is_outage, publish_in_order
 from pamqp.commands import Basic
 
 

@@ -25,7 +25,7 @@ from ordermesh_shared.coordination.lease import (
     unless_lost,
 )
 from ordermesh_shared.coordination.term import Term, Work, run_terms
-from ordermesh_shared.etcd import EtcdClient, EtcdError, KeyValue, LeaderKey, WaitTimeout
+from ordermesh_shared.etcd_client import EtcdClient, EtcdError, KeyValue, LeaderKey, WaitTimeout
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Self, TypeVar
 import structlog
 
 from ordermesh_shared.coordination.errors import CoordinationError, CoordinationUnavailable
-from ordermesh_shared.etcd import EtcdClient, EtcdError, EtcdUnavailable, LeaseNotFound
+from ordermesh_shared.etcd_client import EtcdClient, EtcdError, EtcdUnavailable, LeaseNotFound
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ from ordermesh_shared.coordination.lease import (
     time_left,
     unless_lost,
 )
-from ordermesh_shared.etcd import EtcdClient, LockKey, WaitTimeout
+from ordermesh_shared.etcd_client import EtcdClient, LockKey, WaitTimeout
 
 log = structlog.get_logger(__name__)
 

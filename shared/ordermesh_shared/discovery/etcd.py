@@ -20,7 +20,7 @@ import orjson
 import structlog
 
 from ordermesh_shared.discovery.base import RegistryError, ServiceInstance
-from ordermesh_shared.etcd import (
+from ordermesh_shared.etcd_client import (
     EtcdClient,
     EtcdError,
     EtcdUnavailable,

@@ -43,8 +43,8 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter
 
-from ordermesh_shared.broker import BrokerUnavailable
 from ordermesh_shared.database import Database, DbConn
+from ordermesh_shared.messaging.broker import BrokerUnavailable
 from ordermesh_shared.messaging.envelope import BadEnvelope, Event, decode_event
 from ordermesh_shared.messaging.failures import ConnectionSource, is_transient, open_connection
 from ordermesh_shared.messaging.topology import (

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractConnection
 
-from ordermesh_shared.broker import BrokerUnavailable
+from ordermesh_shared.messaging.broker import BrokerUnavailable
 from ordermesh_shared.transient import is_transient
 
 __all__ = ["ConnectionSource", "is_transient", "open_connection"]

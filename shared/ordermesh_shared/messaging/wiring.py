@@ -13,8 +13,8 @@ and counts its outcomes in the service's ``/metrics``
 
 from __future__ import annotations
 
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.database import Database
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.messaging.consumer import ConsumerMetrics, EventConsumer, Subscription
 from ordermesh_shared.messaging.topology import Topology
 from ordermesh_shared.tasks import BackgroundTasks

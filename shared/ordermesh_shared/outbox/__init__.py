@@ -7,7 +7,7 @@
 ...                     event_type="order_created", payload={"total": "89.00"})
 
 Modules: :mod:`~ordermesh_shared.outbox.store` (SQL), :mod:`~ordermesh_shared.outbox.relay`
-(:class:`OutboxRelay`), :mod:`~ordermesh_shared.outbox.publisher` (confirms, order, outages),
+(:class:`OutboxRelay`), :mod:`~ordermesh_shared.messaging.publisher` (confirms, order, outages),
 :mod:`~ordermesh_shared.outbox.metrics` (lag), :mod:`~ordermesh_shared.outbox.admin`
 (quarantine endpoints), :mod:`~ordermesh_shared.outbox.wiring` (what bootstrap starts).
 """

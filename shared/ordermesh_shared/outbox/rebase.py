@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ordermesh_shared.coordination.fencing import FenceRecord, fence_record, rebase_fence
 from ordermesh_shared.database import Database
-from ordermesh_shared.etcd import EtcdClient, EtcdError
+from ordermesh_shared.etcd_client import EtcdClient, EtcdError
 
 
 class RebaseRefused(Exception):

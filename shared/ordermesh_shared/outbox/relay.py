@@ -45,9 +45,9 @@ import structlog
 from ordermesh_shared.database import Database, DbConn
 from ordermesh_shared.messaging.envelope import OutgoingEvent
 from ordermesh_shared.messaging.failures import ConnectionSource, is_transient
+from ordermesh_shared.messaging.publisher import BatchOutcome, EventPublisher, describe
 from ordermesh_shared.messaging.topology import Topology
 from ordermesh_shared.outbox.metrics import OutboxMetrics
-from ordermesh_shared.outbox.publisher import BatchOutcome, EventPublisher, describe
 from ordermesh_shared.outbox.status import RelayStatus
 from ordermesh_shared.outbox.store import (
     NOTIFY_CHANNEL,

@@ -26,13 +26,13 @@ import structlog
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from ordermesh_shared.broker import Broker
 from ordermesh_shared.config import ServiceSettings
 from ordermesh_shared.coordination import Election, StaleToken, fence
 from ordermesh_shared.database import Database, DbConn
 from ordermesh_shared.discovery import ServiceInstance
-from ordermesh_shared.etcd import EtcdClient
+from ordermesh_shared.etcd_client import EtcdClient
 from ordermesh_shared.health import Health
+from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.outbox.admin import fence_admin_router, outbox_admin_router
 from ordermesh_shared.outbox.metrics import OutboxMetrics, OutboxMonitor
 from ordermesh_shared.outbox.rebase import RelayFence

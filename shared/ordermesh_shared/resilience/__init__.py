@@ -21,7 +21,6 @@ from ordermesh_shared.resilience.deadline import (
     remaining,
     without_deadline,
 )
-from ordermesh_shared.resilience.engine import AiohttpEngine, HttpxEngine, UpstreamResponse
 from ordermesh_shared.resilience.errors import (
     CircuitOpen,
     DeadlineExceeded,
@@ -32,6 +31,7 @@ from ordermesh_shared.resilience.errors import (
     install_upstream_error_handlers,
 )
 from ordermesh_shared.resilience.static import StaticInstances
+from ordermesh_shared.resilience.transport import AiohttpEngine, HttpxEngine, UpstreamResponse
 
 __all__ = [
     "DEADLINE_HEADER",

@@ -38,12 +38,6 @@ from ordermesh_shared.resilience.breaker import BreakerRejected, InstanceBreaker
 from ordermesh_shared.resilience.budget import RetryBudget
 from ordermesh_shared.resilience.client_metrics import ClientMetrics, TargetMetrics
 from ordermesh_shared.resilience.deadline import DEADLINE_HEADER, current_deadline, header_value
-from ordermesh_shared.resilience.engine import (
-    AiohttpEngine,
-    Engine,
-    EngineError,
-    UpstreamResponse,
-)
 from ordermesh_shared.resilience.errors import (
     CircuitOpen,
     DeadlineExceeded,
@@ -59,6 +53,12 @@ from ordermesh_shared.resilience.retry import (
     AttemptFailed,
     RetrySchedule,
     parse_retry_after,
+)
+from ordermesh_shared.resilience.transport import (
+    AiohttpEngine,
+    Engine,
+    EngineError,
+    UpstreamResponse,
 )
 
 log = structlog.get_logger(__name__)
@@ -135,7 +135,7 @@ class ServiceClient:
 
     ``metrics`` is the Prometheus registry to add the client's metrics to (a private one if
     None); ``engine`` replaces the default aiohttp engine (see
-    :mod:`ordermesh_shared.resilience.engine`); ``on_breaker_change(target, instance, old,
+    :mod:`ordermesh_shared.resilience.transport`); ``on_breaker_change(target, instance, old,
     new)`` is told of every breaker state change (they are also logged and exported);
     ``tokens`` signs the service token sent with every call (none sent without it).
     """

@@ -31,7 +31,7 @@ import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
-from ordermesh_shared.broker import BrokerUnavailable
+from ordermesh_shared.messaging.broker import BrokerUnavailable
 from ordermesh_shared.messaging.envelope import OutgoingEvent, encode_event
 from ordermesh_shared.messaging.failures import ConnectionSource, open_connection
 from ordermesh_shared.messaging.topology import Topology, declare_events_exchange
