@@ -196,11 +196,12 @@ async def apply_migrations(
                    applied_at timestamptz NOT NULL DEFAULT now(),
                    PRIMARY KEY (component, version))"""
         )
-        rows = await conn.fetch(
-            "SELECT version, checksum FROM schema_migrations WHERE component = $1", component
-        )
-        done = {r["version"]: r["checksum"] for r in rows}
-        _refuse_edited(migrations, done)
+        done = await _recorded(conn, component)
+        moves = renumbered(migrations, done)
+        if moves:
+            await _move_records(conn, component, moves)
+            done = await _recorded(conn, component)
+        _refuse_edited(migrations, {v: checksum for v, (_, checksum) in done.items()})
         pending = [m for m in migrations if m.version not in done]
         for migration in pending:
             await conn.execute(migration.sql)
@@ -213,6 +214,52 @@ async def apply_migrations(
                 migration.checksum,
             )
     return [m.version for m in pending]
+
+
+async def _recorded(conn: DbConn, component: str) -> dict[int, tuple[str, str]]:
+    rows = await conn.fetch(
+        "SELECT version, name, checksum FROM schema_migrations WHERE component = $1", component
+    )
+    return {r["version"]: (r["name"], r["checksum"]) for r in rows}
+
+
+def _title(name: str) -> str:
+    return name.split("_", 1)[1] if "_" in name else name
+
+
+def renumbered(
+    migrations: list[Migration], done: dict[int, tuple[str, str]]
+) -> list[tuple[int, Migration]]:
+    """(recorded version, file) for each file recorded under another number: same title and
+    checksum. Closing gaps in the numbering then moves the records instead of applying the
+    files again on a database that already has them."""
+    by_content = {(_title(name), checksum): v for v, (name, checksum) in done.items()}
+    moves = []
+    for m in migrations:
+        old = by_content.get((_title(m.name), m.checksum))
+        if old is not None and old != m.version:
+            moves.append((old, m))
+    return moves
+
+
+async def _move_records(conn: DbConn, component: str, moves: list[tuple[int, Migration]]) -> None:
+    # Through negative versions first: a move may land on a number another move frees.
+    await conn.execute(
+        "UPDATE schema_migrations SET version = -version"
+        " WHERE component = $1 AND version = ANY($2::int[])",
+        component,
+        [old for old, _ in moves],
+    )
+    for old, m in moves:
+        await conn.execute(
+            "UPDATE schema_migrations SET version = $3, name = $4"
+            " WHERE component = $1 AND version = $2",
+            component,
+            -old,
+            m.version,
+            m.name,
+        )
+    log.info("migrations.renumbered", component=component, moves={o: m.version for o, m in moves})
 
 
 def _refuse_edited(migrations: list[Migration], done: dict[int, str]) -> None:
