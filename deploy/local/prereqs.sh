@@ -49,6 +49,8 @@ missing_packages() {
     command -v etcd >/dev/null || echo etcd-server
     command -v pg_ctlcluster >/dev/null || echo postgresql
     command -v rabbitmq-server >/dev/null || echo rabbitmq-server
+    # Headless, for the overview page's browser test (tests/integration/test_overview_page.py).
+    command -v chromium >/dev/null || echo chromium
 }
 
 install_packages() {
