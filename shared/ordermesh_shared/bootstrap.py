@@ -34,7 +34,7 @@ from ordermesh_shared.inputs import BodyLimitMiddleware, refuse_unstorable_input
 from ordermesh_shared.logging import configure_logging
 from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
-from ordermesh_shared.outbox.wiring import OutboxSite, install_outbox
+from ordermesh_shared.outbox.wiring import OutboxSite, install_outbox, outbox_routers
 from ordermesh_shared.resilience import (
     DeadlineMiddleware,
     ServiceClient,
@@ -142,7 +142,9 @@ def create_service_app(
     install_error_handlers(app)
     install_upstream_error_handlers(app)
     app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
-    for router in spec.routers:
+    # Every route exists from here on (the OpenAPI document is complete before start-up);
+    # what they use is opened by the lifespan and read from app.state.
+    for router in [health_router(), *outbox_routers(), *spec.routers]:
         app.include_router(router)
     return app
 
@@ -160,15 +162,13 @@ def _lifespan(
                 stack, spec, settings, metrics, registry_factory, app.state.service_tokens
             )
             app.state.ctx = ctx
-            app.include_router(health_router(ctx.health))
             ctx.tasks.start(
                 prepare_database(ctx.db, spec.migrations, extra=spec.extra_migrations),
                 name="migrate",
             )
             # Lag monitor, quarantine admin, relay (it waits for the migrations).
-            install_outbox(
+            app.state.relay_view = install_outbox(
                 OutboxSite(
-                    app,
                     ctx.settings,
                     ctx.instance,
                     ctx.db,

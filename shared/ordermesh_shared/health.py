@@ -108,8 +108,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def health_router(health: Health) -> APIRouter:
-    """``GET /health/live`` (the process answers) and ``GET /health/ready`` (dependencies)."""
+def health_router() -> APIRouter:
+    """``GET /health/live`` (the process answers) and ``GET /health/ready`` (dependencies).
+
+    Made with the app; the checks are the running service's (``app.state.ctx.health``)."""
     router = APIRouter(prefix="/health", tags=["health"])
 
     @router.get("/live", summary="The process is up and serving HTTP.")
@@ -121,7 +123,8 @@ def health_router(health: Health) -> APIRouter:
         summary="Every dependency answers; 503 with the failing checks otherwise.",
         responses={503: {"description": "A dependency is failing; `checks` says which."}},
     )
-    async def ready(_request: Request) -> JSONResponse:
+    async def ready(request: Request) -> JSONResponse:
+        health: Health = request.app.state.ctx.health
         report = await health.check()
         return JSONResponse(report.as_json(), status_code=200 if report.ready else 503)
 

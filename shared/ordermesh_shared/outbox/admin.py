@@ -16,6 +16,7 @@ aggregate (order is kept), so the listing says how many wait behind each one.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -105,6 +106,11 @@ def _db(request: Request) -> Database:
     return db
 
 
+def _relay_view(request: Request) -> RelayView:
+    view: RelayView = request.app.state.relay_view
+    return view
+
+
 def outbox_admin_router() -> APIRouter:
     """The quarantine endpoints (they use the running service's database and admin token)."""
     router = APIRouter(
@@ -131,10 +137,17 @@ def outbox_admin_router() -> APIRouter:
     return router
 
 
-def fence_admin_router(
-    site: RelayFence | None, *, status: RelayStatus | None, quiet: float
-) -> APIRouter:
-    """The fence endpoints of one service (``site`` None: its relay runs unfenced)."""
+@dataclass(frozen=True)
+class RelayView:
+    """What the fence endpoints look at: the fence (None: the relay runs unfenced) and this
+    instance's relay (None: it runs none). Known once the lifespan has started the outbox."""
+
+    site: RelayFence | None
+    status: RelayStatus | None
+
+
+def fence_admin_router(*, quiet: float) -> APIRouter:
+    """The fence endpoints of one service; the running relay is read from ``app.state``."""
     router = APIRouter(
         prefix="/admin/outbox/fence",
         tags=["admin"],
@@ -142,14 +155,16 @@ def fence_admin_router(
         responses={**ADMIN_RESPONSES, **_FENCE_RESPONSES},
     )
 
-    def fenced_site() -> RelayFence:
+    def fenced_site(request: Request) -> RelayFence:
+        site = _relay_view(request).site
         if site is None:
             raise HTTPException(409, "this service's relay runs standalone: it has no fence")
         return site
 
     @router.get("", summary="The relay's fence beside etcd's revision.")
     async def fence_status(request: Request) -> FenceStatus:
-        where = fenced_site()
+        where = fenced_site(request)
+        status = _relay_view(request).status
         try:
             view = await read_fence(_db(request), where)
         except RebaseRefused as exc:
@@ -170,7 +185,7 @@ def fence_admin_router(
 
     @router.post("/rebase", summary="Re-base the relay's fence after etcd lost its data.")
     async def rebase_fence(request: Request, body: RebaseRequest) -> RebaseResult:
-        where = fenced_site()
+        where = fenced_site(request)
         if not body.confirm_etcd_reset:
             raise HTTPException(
                 400, "send confirm_etcd_reset: true once no relay of the old etcd can be alive"

@@ -13,7 +13,8 @@ detail ``outbox_relay``: ``standby``, ``leading`` or ``fenced_out``):
   instance of the service (say so explicitly: it is not a fallback taken silently).
 * ``off`` — no relay in this process (another process relays).
 
->>> install_outbox(OutboxSite(app, settings, instance, db, broker, tasks, health, registry))
+>>> app.state.relay_view = install_outbox(
+...     OutboxSite(settings, instance, db, broker, tasks, health, registry))
 ... # in the lifespan, after the migrations task was started
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
 import structlog
-from fastapi import FastAPI
+from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from ordermesh_shared.config import ServiceSettings
@@ -33,7 +34,7 @@ from ordermesh_shared.discovery import ServiceInstance
 from ordermesh_shared.etcd_client import EtcdClient
 from ordermesh_shared.health import Health
 from ordermesh_shared.messaging.broker import Broker
-from ordermesh_shared.outbox.admin import fence_admin_router, outbox_admin_router
+from ordermesh_shared.outbox.admin import RelayView, fence_admin_router, outbox_admin_router
 from ordermesh_shared.outbox.metrics import OutboxMetrics, OutboxMonitor
 from ordermesh_shared.outbox.rebase import RelayFence
 from ordermesh_shared.outbox.relay import Fence, FencedOut, OutboxRelay, SoleLeader, no_fence
@@ -96,7 +97,6 @@ async def run_elected(relay: OutboxRelay, *, etcd_url: str, instance_id: str) ->
 class OutboxSite:
     """What the outbox of one service instance runs on (its part of the service context)."""
 
-    app: FastAPI
     settings: ServiceSettings
     instance: ServiceInstance
     db: Database
@@ -106,13 +106,13 @@ class OutboxSite:
     registry: CollectorRegistry  # the app's Prometheus registry
 
 
-def install_outbox(site: OutboxSite) -> None:
-    """Monitor, admin routes and (by mode) the relay, as background tasks of the service."""
-    app, db, health, tasks = site.app, site.db, site.health, site.tasks
+def install_outbox(site: OutboxSite) -> RelayView:
+    """Monitor and (by mode) the relay, as background tasks of the service; returns what the
+    admin endpoints (made with the app) look at."""
+    db, health, tasks = site.db, site.health, site.tasks
     metrics = OutboxMetrics(site.registry)
     monitor = OutboxMonitor(db, metrics)
     health.add_detail("outbox", monitor.lag_json)
-    app.include_router(outbox_admin_router())
     tasks.supervise(monitor.run, name="outbox-monitor")
     mode = relay_mode(site.settings)
     service = site.instance.service
@@ -120,11 +120,9 @@ def install_outbox(site: OutboxSite) -> None:
     log.info("outbox.relay_mode", mode=mode)
     fence_site = None if mode == "standalone" else relay_site(service, etcd_url)
     if mode == "off":  # another process relays (its fence can still be looked at here)
-        app.include_router(fence_admin_router(fence_site, status=None, quiet=REBASE_QUIET))
-        return
+        return RelayView(fence_site, status=None)
     fenced = relay_fence(service) if mode == "elected" else no_fence
     relay = OutboxRelay(db, site.broker, service=service, fence=fenced, metrics=metrics)
-    app.include_router(fence_admin_router(fence_site, status=relay.status, quiet=REBASE_QUIET))
     # Advisory: a relay fenced out (etcd lost its data) makes the status "degraded" and says
     # what to do, but the instance stays ready and registered. Its HTTP work does not need
     # the relay (events wait in the outbox), and every instance is fenced out alike: taking
@@ -133,8 +131,15 @@ def install_outbox(site: OutboxSite) -> None:
     health.add_detail("outbox_relay", relay.status.as_json)
     if mode == "standalone":
         tasks.supervise(lambda: relay.run(SoleLeader()), name="outbox-relay")
-        return
-    instance_id = site.instance.instance_id
-    tasks.supervise(
-        lambda: run_elected(relay, etcd_url=etcd_url, instance_id=instance_id), name="outbox-relay"
-    )
+    else:
+        instance_id = site.instance.instance_id
+        tasks.supervise(
+            lambda: run_elected(relay, etcd_url=etcd_url, instance_id=instance_id),
+            name="outbox-relay",
+        )
+    return RelayView(fence_site, relay.status)
+
+
+def outbox_routers() -> list[APIRouter]:
+    """The quarantine and fence endpoints, added when the app is made."""
+    return [outbox_admin_router(), fence_admin_router(quiet=REBASE_QUIET)]
