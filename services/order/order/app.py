@@ -16,6 +16,7 @@ from pydantic import Field
 from order.api import router
 from order.app_state import OrderRuntime, SagaAdmission
 from order.clients import OrderClients
+from order.overview import overview_router
 from order.saga import place_order_saga
 from order.timeline import start_timeline, timeline_router
 
@@ -87,7 +88,7 @@ def order_spec(settings: OrderSettings) -> ServiceSpec:
             " create the shipment; compensations in reverse when a step says no."
         ),
         migrations=MIGRATIONS,
-        routers=[router, timeline_router],
+        routers=[router, timeline_router, overview_router],
         setup=_saga_setup(settings),
         extra_migrations=(SAGA_MIGRATIONS,),
     )
