@@ -2,14 +2,18 @@
 
 Acts on whichever stack runs (``--target`` chooses): the local stack's processes under
 supervisord (SIGKILL, SIGSTOP/SIGCONT, restart) or the compose stack's containers (kill and
-start, pause/unpause, restart, a network partition). A service's name picks one of its
-instances at random (seeded, printed), ``payment-2`` names one, ``--all`` takes every one.
-Every action is printed with a timestamp. Scenarios run load + fault + heal + audit.
+start, pause/unpause, restart). A service's name picks one of its instances at random
+(seeded, printed), ``payment-2`` names one, ``--all`` takes every one. ``partition A B`` cuts
+the network between two components on either stack (``partition`` module), until ``heal``
+or for ``--for`` seconds. Every action is printed with a timestamp. Scenarios run load +
+fault + heal + audit.
 
     ordermesh-chaos kill payment-1                  # the local stack (make dev)
     ordermesh-chaos pause inventory-1 --for 6       # SIGSTOP, then SIGCONT after 6 s
     ordermesh-chaos --target compose kill payment   # one payment replica, picked at random
-    ordermesh-chaos --target compose partition inventory --for 5
+    ordermesh-chaos partition order inventory --for 10   # as root; healed after 10 s
+    ordermesh-chaos partition etcd all              # etcd from everyone, until:
+    ordermesh-chaos heal                            # every cut (or: heal etcd)
     ordermesh-chaos fault payment-2 --error-rate 0.5 --latency-ms 200
     ordermesh-chaos random --every 4 --for 40 --seed 7
     ordermesh-chaos scenario kill-payment           # or: scenario all
@@ -24,15 +28,18 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
-from ordermesh_deploy import stacks
+from ordermesh_deploy import local, partition, stacks
 from ordermesh_deploy.audit import audit, render
 from ordermesh_deploy.load import run_load, settle
+from ordermesh_deploy.partition_compose import ComposeCutter
+from ordermesh_deploy.partition_local import LocalCutter
 from ordermesh_deploy.targets import ComposeTarget, LocalTarget, Target, say, split_name
 
-ACTIONS = ("kill", "pause", "resume", "restart", "partition")
+ACTIONS = ("kill", "pause", "resume", "restart")
 
 
 async def act(
@@ -47,8 +54,7 @@ async def act(
     """Do one action on what ``name`` means and print it; returns the instances acted on.
 
     A service's name means one of its instances, picked with ``seed`` (every one with
-    ``everyone``). ``pause`` with ``hold`` resumes after that many seconds; ``partition``
-    connects again after ``hold`` seconds.
+    ``everyone``). ``pause`` with ``hold`` resumes after that many seconds.
     """
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
@@ -67,13 +73,11 @@ def _say_chosen(name: str, chosen: list[str], *, everyone: bool, seed: int) -> N
 
 
 async def _act_on(target: Target, action: str, name: str, *, hold: float) -> None:
-    say(f"{action} {name}" + (f" for {hold:g} s" if hold and action == "partition" else ""))
+    say(f"{action} {name}")
     if action == "kill":
         await target.kill(name)
     elif action == "restart":
         await target.restart(name)
-    elif action == "partition":
-        await target.partition(name, hold=hold)
     elif action == "pause":
         await target.pause(name)
         if hold > 0:
@@ -111,6 +115,23 @@ async def random_faults(target: Target, *, every: float, duration: float, seed: 
             await act(target, "pause", name, hold=rng.uniform(0.5, every * 0.6))
 
 
+def cutter_for(target: Target, *, run_dir: Path = Path(".run")) -> partition.Cutter:
+    """What cuts the network of the stack ``target`` acts on (compose keeps its cuts'
+    record in ``run_dir``; the local stack in its own run dir)."""
+    if isinstance(target, LocalTarget):
+        return LocalCutter(target.stack)
+    assert isinstance(target, ComposeTarget)
+    return ComposeCutter(target.project, state_dir=run_dir)
+
+
+async def cut_for(cutter: partition.Cutter, a: str, b: str, *, hold: float) -> None:
+    """Cut ``a`` from ``b`` for ``hold`` s (taking in restarted members), then heal it."""
+    cut = await asyncio.to_thread(partition.create, cutter, a, b, hold=hold)
+    say(f"partition {cut.describe()}")
+    await partition.keep(cutter, cut)
+    say(f"healed {a} <-> {b}")
+
+
 @dataclass(frozen=True)
 class Scenario:
     """Load for ``duration`` s while ``fault`` runs, then settle and audit."""
@@ -128,6 +149,14 @@ def _after(
     async def fault(target: Target) -> None:
         await asyncio.sleep(delay)
         await act(target, action, name, hold=hold)
+
+    return fault
+
+
+def _cut_after(delay: float, a: str, b: str, hold: float) -> Callable[[Target], Awaitable[None]]:
+    async def fault(target: Target) -> None:
+        await asyncio.sleep(delay)
+        await cut_for(cutter_for(target), a, b, hold=hold)
 
     return fault
 
@@ -167,6 +196,30 @@ SCENARIOS = {
             "crash PostgreSQL (local: the machine's, stopped in immediate mode for 3 s;"
             " compose: its container killed and started)",
             _after(2.0, "kill", "postgres"),
+        ),
+        Scenario(
+            "partition-payment-postgres",
+            "cut payment from its database for 5 s (its queries wait; charges time out)",
+            _cut_after(2.0, "payment", "postgres", hold=5.0),
+            duration=10.0,
+        ),
+        Scenario(
+            "partition-inventory-rabbitmq",
+            "cut inventory from the broker for 5 s (its outbox holds the events, then relays)",
+            _cut_after(2.0, "inventory", "rabbitmq", hold=5.0),
+            duration=10.0,
+        ),
+        Scenario(
+            "partition-order-inventory",
+            "cut order from inventory for 5 s (reservations refused or delayed, not guessed)",
+            _cut_after(2.0, "order", "inventory", hold=5.0),
+            duration=10.0,
+        ),
+        Scenario(
+            "partition-etcd",
+            "cut etcd from everyone for 5 s (registry, relay elections and saga leases)",
+            _cut_after(2.0, "etcd", partition.ALL, hold=5.0),
+            duration=10.0,
         ),
         Scenario(
             "random",
@@ -265,6 +318,85 @@ def _cmd_fault(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cutter(args: argparse.Namespace, *, running: bool = True) -> partition.Cutter:
+    """The stack's cutter; ``running=False`` also finds a stopped local stack (to heal)."""
+    try:
+        stack = stacks.find(args.target, run_dir=args.run_dir)
+    except stacks.StackError as exc:
+        saved = local.Stack.load(args.run_dir) if not running and args.target != "compose" else None
+        if saved is None:
+            raise SystemExit(str(exc)) from None
+        return LocalCutter(saved)
+    return cutter_for(target_for(stack), run_dir=args.run_dir)
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    cutter = _cutter(args)
+    try:
+        if args.hold:
+            asyncio.run(cut_for(cutter, args.a, args.b, hold=args.hold))
+        else:
+            cut = partition.create(cutter, args.a, args.b, hold=None)
+            say(f"partition {cut.describe()}")
+    except partition.PartitionError as exc:
+        raise SystemExit(str(exc)) from None
+    return 0
+
+
+def _cmd_heal(args: argparse.Namespace) -> int:
+    cutter = _cutter(args, running=False)
+    try:
+        healed = partition.heal(cutter, args.a, args.b)
+    except partition.PartitionError as exc:
+        raise SystemExit(str(exc)) from None
+    for cut in healed:
+        say(f"healed {cut.a} <-> {cut.b}")
+    if not healed:
+        say("no partition to heal" + (f" involving {args.a}" if args.a else ""))
+    return 0
+
+
+def _cmd_partitions(args: argparse.Namespace) -> int:
+    cutter = _cutter(args, running=False)
+    cuts = partition.load(cutter.state_file)
+    print("\n".join(cut.describe() for cut in cuts) or f"no partition on the {cutter.kind} stack")
+    return 0
+
+
+def _add_partition_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cut = sub.add_parser(
+        "partition",
+        help="cut the network between A and B (as root); kept until `heal` unless --for",
+        description="Cut the network between two components: local stack, a cgroup per"
+        " service instance and iptables on loopback; compose, iptables in each side's"
+        " container namespace. Only A<->B is cut. Running it again for the same pair takes"
+        " in a member restarted since.",
+    )
+    cut.add_argument("a", metavar="A", help=COMPONENT_HELP)
+    cut.add_argument(
+        "b",
+        metavar="B",
+        nargs="?",
+        default=partition.ALL,
+        help=f"the other side, or `{partition.ALL}` (the default): every other component",
+    )
+    cut.add_argument(
+        "--for",
+        dest="hold",
+        type=float,
+        default=None,
+        help="heal by itself after this many seconds (the command waits; default: the cut"
+        " stays until `ordermesh-chaos heal`)",
+    )
+    cut.set_defaults(func=_cmd_partition)
+    heal = sub.add_parser("heal", help="heal the cut between A and B, every cut of A, or all")
+    heal.add_argument("a", metavar="A", nargs="?", default=None, help="heal only A's cuts")
+    heal.add_argument("b", metavar="B", nargs="?", default=None, help="only A<->B")
+    heal.set_defaults(func=_cmd_heal)
+    listing = sub.add_parser("partitions", help="the cuts in place, and when each heals")
+    listing.set_defaults(func=_cmd_partitions)
+
+
 def _cmd_random(args: argparse.Namespace) -> int:
     target, _ = _found(args)
     asyncio.run(random_faults(target, every=args.every, duration=args.duration, seed=args.seed))
@@ -287,6 +419,12 @@ NAME_HELP = (
     "an instance (payment-2: the local program, or compose's replica --index 2), a service"
     " (payment: one of its instances at random), etcd, postgres, rabbitmq (compose: also"
     " consul), or relay-leader:<service> (whoever relays that service's outbox now)"
+)
+
+
+COMPONENT_HELP = (
+    "a service (order, inventory, payment, shipping: every instance), an instance (payment-2),"
+    " postgres, rabbitmq or etcd (compose: also consul)"
 )
 
 
@@ -315,23 +453,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("pause", "SIGSTOP a process / pause a container"),
         ("resume", "SIGCONT a process / unpause a container"),
         ("restart", "restart a process / container"),
-        ("partition", "disconnect a container from its compose network, then connect it again"),
     ):
         cmd = sub.add_parser(action, help=text)
         _add_choice_arguments(cmd)
-        if action in ("pause", "partition"):
-            default, then = (0.0, "resume") if action == "pause" else (5.0, "connect again")
+        if action == "pause":
             cmd.add_argument(
                 "--for",
                 dest="hold",
                 type=float,
-                default=default,
-                help=f"{then} after this many seconds (default: %(default)s"
-                + (", stay paused)" if action == "pause" else ")"),
+                default=0.0,
+                help="resume after this many seconds (default: stay paused)",
             )
         else:
             cmd.set_defaults(hold=0.0)
         cmd.set_defaults(func=_cmd_action)
+    _add_partition_commands(sub)
     fault = sub.add_parser(
         "fault", help="inject errors/latency into an instance through its /admin/faults"
     )

@@ -108,15 +108,15 @@ async def test_all_acts_on_every_replica() -> None:
     )
 
 
-async def test_a_partition_lasts_as_long_as_asked() -> None:
-    target = FakeTarget()
-    await act(target, "partition", "postgres", hold=5)
-    assert target.done == ["partition postgres-1 5"]
-
-
-def test_partition_defaults_to_five_seconds_and_pause_to_staying_paused() -> None:
+def test_a_partition_stays_until_healed_and_b_defaults_to_everyone() -> None:
     parser = build_parser()
-    assert parser.parse_args(["partition", "inventory"]).hold == 5.0
+    args = parser.parse_args(["partition", "etcd"])
+    assert (args.a, args.b, args.hold) == ("etcd", "all", None)
+    assert parser.parse_args(["partition", "order", "inventory", "--for", "10"]).hold == 10.0
+
+
+def test_pause_defaults_to_staying_paused() -> None:
+    parser = build_parser()
     assert parser.parse_args(["pause", "inventory"]).hold == 0.0
     assert parser.parse_args(["kill", "payment"]).hold == 0.0
     assert parser.parse_args(["fault", "payment-2", "--clear"]).token is None
