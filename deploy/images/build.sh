@@ -5,8 +5,8 @@
 #   2. uv as an image of its own, from uv's PyPI wheel (ordermesh/uv:<version>);
 #   3. a wheelhouse of every locked dependency, downloaded here on the host (build
 #      containers need no network, and PyPI's TLS may not be trusted inside them);
-#   4. PostgreSQL 15, RabbitMQ 3.10 and etcd 3.4 from Debian's packages, and the Consul API
-#      double (there is no Consul binary to be had);
+#   4. PostgreSQL 15, RabbitMQ 3.10, etcd 3.4 and Prometheus 2.42 from Debian's packages, and
+#      the Consul API double (there is no Consul binary to be had);
 #   5. the four services with the project's own deploy/Dockerfile.
 # Every step is skipped or cached when its inputs have not changed: a second run takes seconds.
 set -euo pipefail
@@ -111,12 +111,15 @@ wheelhouse() {
 }
 
 infra_images() {
-    step "postgres, rabbitmq, etcd from Debian's packages"
+    step "postgres, rabbitmq, etcd, prometheus from Debian's packages"
     build ordermesh/postgres:15 deploy/images/postgres/Dockerfile deploy/images/postgres \
         --build-arg "BASE=$BASE"
     build ordermesh/rabbitmq:3.10 deploy/images/rabbitmq/Dockerfile deploy/images/rabbitmq \
         --build-arg "BASE=$BASE"
     build ordermesh/etcd:3.4 deploy/images/etcd/Dockerfile deploy/images/etcd \
+        --build-arg "BASE=$BASE"
+    # The one part of the compose profile `observability` Debian packages (no Jaeger, no Grafana).
+    build ordermesh/prometheus:2.42 deploy/images/prometheus/Dockerfile deploy/images/prometheus \
         --build-arg "BASE=$BASE"
 }
 

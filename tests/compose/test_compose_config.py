@@ -33,6 +33,7 @@ _VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")
 APP_SERVICES = ("order", "inventory", "payment", "shipping")
 SCALABLE_SERVICES = ("inventory", "payment", "shipping")
 INFRA_SERVICES = ("consul", "etcd", "postgres", "rabbitmq")
+OBSERVABILITY_SERVICES = ("prometheus", "jaeger", "grafana")  # profile `observability`
 
 Service = dict[str, Any]
 
@@ -93,7 +94,12 @@ def _bind_mounts(service: Service) -> dict[str, str]:
 def test_the_stack_has_the_infrastructure_and_the_four_services(
     services: dict[str, Service],
 ) -> None:
-    assert set(services) == set(INFRA_SERVICES) | set(APP_SERVICES)
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == set(INFRA_SERVICES) | set(APP_SERVICES)
+    profiled = {
+        name: service["profiles"] for name, service in services.items() if name not in default
+    }
+    assert profiled == dict.fromkeys(OBSERVABILITY_SERVICES, ["observability"])
 
 
 def test_every_service_has_a_healthcheck(services: dict[str, Service]) -> None:
@@ -156,7 +162,8 @@ def test_only_the_order_api_and_the_uis_have_fixed_host_ports(
     services: dict[str, Service],
 ) -> None:
     fixed = {host for service in services.values() for host, _ in _port_specs(service) if host}
-    assert fixed == {"8000", "8500", "15672"}
+    # Prometheus, Jaeger and Grafana are the observability profile's UIs.
+    assert fixed == {"8000", "8500", "15672", "9090", "16686", "3000"}
 
 
 def test_each_service_logs_in_with_the_role_and_password_init_sh_creates(
@@ -300,7 +307,7 @@ def test_published_ports_are_on_loopback_except_the_order_api(
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
 
 
-@pytest.mark.parametrize("name", INFRA_SERVICES + APP_SERVICES)
+@pytest.mark.parametrize("name", INFRA_SERVICES + APP_SERVICES + OBSERVABILITY_SERVICES)
 def test_every_container_runs_with_least_privilege(services: dict[str, Service], name: str) -> None:
     service = services[name]
     assert service.get("read_only") is True
@@ -314,7 +321,7 @@ def test_images_are_pinned_to_the_version_lines_the_offline_stack_runs(
 ) -> None:
     # The offline images are Debian's builds of PostgreSQL 15, RabbitMQ 3.10 and etcd 3.4:
     # a user's stack must run the same lines, so what CI tests is what users get.
-    for name in ("postgres", "rabbitmq", "etcd"):
+    for name in ("postgres", "rabbitmq", "etcd", "prometheus"):
         line = offline_services[name]["image"].rsplit(":", 1)[1]
         tag = services[name]["image"].rsplit(":", 1)[1].lstrip("v")
         assert tag == line or tag.startswith((f"{line}.", f"{line}-")), f"{name}: {tag}"

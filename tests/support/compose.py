@@ -17,7 +17,14 @@ PROJECT = "ordermesh-test"
 FILES = ("docker-compose.yml", stack.OFFLINE_FILE)
 # Loopback ports of the fixed published ones, chosen per run: a running `make dev` (8000) or
 # `make up` stack is left alone.
-PORT_VARIABLES = ("ORDER_PORT", "CONSUL_PORT", "RABBITMQ_UI_PORT")
+PORT_VARIABLES = (
+    "ORDER_PORT",
+    "CONSUL_PORT",
+    "RABBITMQ_UI_PORT",
+    "PROMETHEUS_PORT",
+    "JAEGER_UI_PORT",
+    "GRAFANA_PORT",
+)
 
 
 def docker_engine_available() -> bool:
