@@ -51,6 +51,8 @@ missing_packages() {
     command -v rabbitmq-server >/dev/null || echo rabbitmq-server
     # Headless, for the overview page's browser test (tests/integration/test_overview_page.py).
     command -v chromium >/dev/null || echo chromium
+    # promtool checks the observability configs; the local scrape test runs the server.
+    command -v promtool >/dev/null || echo prometheus
 }
 
 install_packages() {
