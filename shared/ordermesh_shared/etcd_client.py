@@ -1,11 +1,11 @@
-"""A thin asyncio client for etcd's v3 JSON gateway (checked against etcd 3.4), over httpx.
+"""A thin asyncio client for etcd's v3 JSON gateway (checked against etcd 3.4), over aiohttp.
 
 No maintained Python etcd client works today (see DESIGN.md), and the gateway is plain JSON
 over HTTP, so this module speaks it directly. It hides the gateway's quirks: keys and values
 travel as base64, int64 fields arrive as JSON strings, zero/false fields are omitted, and
 streaming endpoints wrap each message in ``{"result": ...}``.
 
-Every failure leaves this module as one of these (never as an httpx exception)::
+Every failure leaves this module as one of these (never as an aiohttp or httpx exception)::
 
     EtcdError               etcd refused the request, or answered something unexpected
     ├── EtcdUnavailable     etcd could not be reached, did not answer in time, or a stream broke
@@ -15,6 +15,7 @@ Every failure leaves this module as one of these (never as an httpx exception)::
     └── WatchCompacted      the watch's start revision was compacted away (re-list, then watch)
 
 Keys are ``str`` (UTF-8); values are ``bytes`` on the way out and ``str | bytes`` on the way in.
+How requests travel (aiohttp, or an httpx transport in tests) is ``etcd_http.py``'s business.
 """
 
 from __future__ import annotations
@@ -26,10 +27,20 @@ import enum
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, cast
+from typing import Any, Literal, Self
 
 import httpx
 import orjson
+
+from ordermesh_shared.etcd_http import (
+    OK,
+    AiohttpEtcdHttp,
+    EtcdHttp,
+    HttpFailure,
+    HttpxEtcdHttp,
+    Streamed,
+    lines,
+)
 
 __all__ = [
     "Compare",
@@ -336,7 +347,7 @@ def encode_op(op: Put | Delete) -> Json:
 
 
 class EtcdClient:
-    """An async etcd v3 client over the JSON gateway; one pooled HTTP client inside.
+    """An async etcd v3 client over the JSON gateway; one pooled aiohttp session inside.
 
     >>> async with EtcdClient("http://127.0.0.1:2379") as etcd:
     ...     revision = await etcd.put("/config/mode", "blue")
@@ -345,7 +356,8 @@ class EtcdClient:
     Every call is bounded by ``timeout`` seconds. The calls that wait for something to happen
     take their own bound instead (``lock``/``campaign``: ``timeout``; ``watch_prefix``/
     ``observe``: ``idle_timeout`` per message); None waits forever. Connecting stays bounded
-    by the default, so an absent etcd fails fast whatever the call.
+    by the default, so an absent etcd fails fast whatever the call. ``transport`` (an httpx
+    transport, e.g. ``httpx.MockTransport``) replaces the network, for tests.
     """
 
     def __init__(
@@ -358,12 +370,14 @@ class EtcdClient:
         self.url = url.rstrip("/")
         self._timeout = timeout
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._client: EtcdHttp | None = None
 
     async def __aenter__(self) -> Self:
-        self._client = httpx.AsyncClient(
-            base_url=self.url, timeout=self._timeout, transport=self._transport
-        )
+        if self._transport is None:
+            http: EtcdHttp = AiohttpEtcdHttp(self.url, connect_timeout=self._timeout)
+        else:
+            http = HttpxEtcdHttp(self.url, transport=self._transport, connect_timeout=self._timeout)
+        self._client = await http.__aenter__()
         return self
 
     async def __aexit__(
@@ -550,18 +564,10 @@ class EtcdClient:
 
     # -- transport ------------------------------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
+    def _http(self) -> EtcdHttp:
         if self._client is None:
             raise RuntimeError("use EtcdClient as 'async with EtcdClient(url) as etcd: ...'")
         return self._client
-
-    def _request(self, path: str, body: Json) -> httpx.Request:
-        # Reads may legitimately wait long (a queued lock, a quiet watch); asyncio.timeout
-        # bounds them instead. Connecting may not wait long: an absent etcd fails fast.
-        timeouts = httpx.Timeout(self._timeout, read=None)
-        return self._http().build_request(
-            "POST", path, content=orjson.dumps(body), timeout=timeouts
-        )
 
     async def _call(self, path: str, body: Json) -> Json:
         """POST one request under the default timeout and decode its answer."""
@@ -585,12 +591,11 @@ class EtcdClient:
 
     async def _send(self, path: str, body: Json, *, limit: float | None) -> Json:
         try:
-            async with asyncio.timeout(limit):
-                response = await self._http().send(self._request(path, body))
-        except httpx.HTTPError as exc:
-            raise self._unreachable(path, exc) from exc
-        answer = parse_json(path, response.content)
-        if response.status_code != httpx.codes.OK or "error" in answer:
+            status, content = await self._http().post(path, orjson.dumps(body), limit=limit)
+        except HttpFailure as exc:
+            raise _translated(exc) from exc
+        answer = parse_json(path, content)
+        if status != OK or "error" in answer:
             raise error_from_answer(path, answer)
         return answer
 
@@ -602,32 +607,36 @@ class EtcdClient:
         ``idle`` bounds the wait for the answer's head and then for each next message.
         """
         try:
+            async with contextlib.AsyncExitStack() as stack:
+                answer = await self._stream_head(stack, path, body, idle)
+                if answer.status != OK:
+                    raise error_from_answer(path, parse_json(path, await answer.read()))
+                messages = await stack.enter_async_context(
+                    contextlib.aclosing(lines(answer.chunks))
+                )
+                while True:
+                    line = await self._next_line(path, messages, idle)
+                    yield stream_result(path, parse_json(path, line))
+        except HttpFailure as exc:
+            raise _translated(exc) from exc
+
+    async def _stream_head(
+        self, stack: contextlib.AsyncExitStack, path: str, body: Json, idle: float | None
+    ) -> Streamed:
+        try:
             async with asyncio.timeout(idle):
-                response = await self._http().send(self._request(path, body), stream=True)
+                return await stack.enter_async_context(
+                    self._http().stream(path, orjson.dumps(body))
+                )
         except TimeoutError:
             raise self._quiet_stream(path, idle) from None
-        except httpx.HTTPError as exc:
-            raise self._unreachable(path, exc) from exc
-        try:
-            if response.status_code != httpx.codes.OK:
-                await response.aread()
-                raise error_from_answer(path, parse_json(path, response.content))
-            # httpx implements aiter_lines as an async generator; close it deterministically.
-            lines = cast(AsyncGenerator[str, None], response.aiter_lines())
-            async with contextlib.aclosing(lines):
-                while True:
-                    line = await self._next_line(path, lines, idle)
-                    if line.strip():
-                        yield stream_result(path, parse_json(path, line.encode()))
-        except httpx.HTTPError as exc:
-            raise self._unreachable(path, exc) from exc
-        finally:
-            await response.aclose()
 
-    async def _next_line(self, path: str, lines: AsyncIterator[str], idle: float | None) -> str:
+    async def _next_line(
+        self, path: str, messages: AsyncIterator[bytes], idle: float | None
+    ) -> bytes:
         try:
             async with asyncio.timeout(idle):
-                return await anext(lines)
+                return await anext(messages)
         except StopAsyncIteration:
             raise EtcdUnavailable(f"etcd at {self.url} closed the {path} stream") from None
         except TimeoutError:
@@ -636,10 +645,7 @@ class EtcdClient:
     def _quiet_stream(self, path: str, idle: float | None) -> WaitTimeout:
         return WaitTimeout(f"no news on {path} from etcd at {self.url} within {idle} s")
 
-    def _unreachable(self, path: str, exc: httpx.HTTPError) -> EtcdError:
-        if isinstance(exc, httpx.TransportError):
-            return EtcdUnavailable(
-                f"cannot reach etcd at {self.url} ({path}: {type(exc).__name__}: "
-                f"{exc or 'no details'}); check that etcd is running and the URL and port are right"
-            )
-        return EtcdError(f"etcd at {self.url}: {path} failed: {type(exc).__name__}: {exc}")
+
+def _translated(failure: HttpFailure) -> EtcdError:
+    """The client's error for a failure below HTTP."""
+    return (EtcdUnavailable if failure.unreachable else EtcdError)(str(failure))
