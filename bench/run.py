@@ -7,6 +7,8 @@ together mean much. Groups (``--only``):
 * ``saga``       saga throughput vs the four-hop bare saga, latency at 25/50/100 orders/s
                  (bench/saga.py)
 * ``client_cpu`` ServiceClient CPU per call vs raw aiohttp and httpx (bench/client_cpu.py)
+* ``etcd_client`` EtcdClient CPU per call (a read, a lease renewal) vs raw aiohttp, and over
+                 httpx, its previous engine (bench/etcd_client.py)
 * ``relay``      relay events/s vs raw pipelined publish and the seed's relay, commit ->
                  consumer latency at 1,000 and 500 events/s vs the seed's polling relay
                  (bench/relay.py)
@@ -132,6 +134,39 @@ async def client_cpu_group(smoke: bool) -> list[Figure]:
     return figures
 
 
+async def etcd_client_group(smoke: bool) -> list[Figure]:
+    """bench/etcd_client.py in a process of its own (it measures its own process's CPU)."""
+    from bench.saga import Figure, Target
+
+    etcd_target = Target("ratio", "<=", 1.5, "<= 1.5x raw aiohttp")
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "etcd_client.json"
+        calls = "300" if smoke else "2000"
+        await _child("etcd_client.py", "--runs", "3" if smoke else "5", "--calls", calls,
+                     "--out", str(out))  # fmt: skip
+        results = json.loads(out.read_text())["results"]
+    figures = []
+    for operation, by_variant in results.items():
+        raw = by_variant["raw aiohttp"]
+        for concurrency, baseline in raw.items():
+            for label, variant, target in (
+                ("EtcdClient", "EtcdClient (default: aiohttp)", etcd_target),
+                ("EtcdClient over httpx", "EtcdClient over httpx (the previous engine)", None),
+            ):
+                figures.append(
+                    Figure(
+                        f"{label} CPU per {operation}, {concurrency} concurrent",
+                        "CPU-ms",
+                        by_variant[variant][concurrency]["runs_ms"],
+                        baseline["runs_ms"],
+                        "raw aiohttp",
+                        target,
+                        note="client-side CPU, private etcd on loopback (etcd_client.py)",
+                    )
+                )
+    return figures
+
+
 async def relay_group(smoke: bool) -> list[Figure]:
     """bench/relay.py's throughput variants and its commit -> consumer latency (ours and the
     seed's polling relay, at 1,000 and 500 events/s), 3 runs each."""
@@ -244,6 +279,7 @@ def _relay_throughput_figures(
 GROUPS: dict[str, tuple[str, Group]] = {
     "saga": ("saga.py", saga_group),
     "client_cpu": ("client_cpu.py", client_cpu_group),
+    "etcd_client": ("etcd_client.py", etcd_client_group),
     "relay": ("relay.py", relay_group),
     "failover": ("failover.py", failover_group),
     "goodput": ("goodput.py", goodput_group),
