@@ -126,6 +126,7 @@ def read_breakers(clients: ServiceClient) -> BreakersView:
 
 async def read_services(ctx: ServiceContext) -> list[ServiceView]:
     """Every service's instances, leader and outbox, read concurrently."""
+    # Opened per refresh (every 2 s per open page): nothing worth keeping open between them.
     async with (
         AiohttpEngine(pool_size=16) as engine,
         EtcdClient(ctx.settings.etcd_url, timeout=PROBE_TIMEOUT) as etcd,
