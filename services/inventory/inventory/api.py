@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
-from ordermesh_shared.auth import SERVICE_AUTH_RESPONSES
+from ordermesh_shared.admin import ADMIN_RESPONSES, RequireAdmin
+from ordermesh_shared.auth import SERVICE_AUTH_RESPONSES, ServiceCaller
 from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.commands import fingerprint, run_command
 from ordermesh_shared.errors import NotFound
 from ordermesh_shared.idempotency import IdempotencyKey
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from inventory import commands, store
 from inventory.models import Reservation, ReserveRequest
@@ -59,6 +62,66 @@ async def get_product(ctx: Ctx, sku: str = Sku) -> Product:
     if row is None:
         raise NotFound(f"no product with SKU {sku!r}")
     return Product(**dict(row))
+
+
+class PriceChange(BaseModel):
+    """A product's new price."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    price: Decimal = Field(ge=0, max_digits=12, decimal_places=2, examples=["95.00"])
+
+
+@router.put(
+    "/products/{sku}/price",
+    tags=["products"],
+    summary="Admin: set a product's price (announced to catalogues as product_changed).",
+    dependencies=[RequireAdmin],
+    responses={**ADMIN_RESPONSES, 404: {"description": "No product has this SKU."}},
+)
+async def set_price(body: PriceChange, ctx: Ctx, sku: str = Sku) -> Product:
+    """Setting the price a product already has changes nothing and announces nothing; a
+    reservation racing the change is taken again at the new price."""
+    async with ctx.db.pool.acquire() as conn:
+        row = await store.set_price(conn, sku, body.price)
+    if row is None:
+        raise NotFound(f"no product with SKU {sku!r}")
+    return Product(**{k: v for k, v in dict(row).items() if k != "notified"})
+
+
+class CatalogueFact(BaseModel):
+    """What a catalogue shows of a product, at one version."""
+
+    sku: str = Field(examples=["KB-101"])
+    name: str = Field(examples=["Mechanical keyboard"])
+    price: Decimal = Field(examples=["89.00"])
+    available: int = Field(description="Units that could be reserved at this version.")
+    version: int = Field(
+        description="Grows with every change of price or units available; the product_changed"
+        " event of a change carries the same facts and version."
+    )
+
+
+class CatalogueSnapshot(BaseModel):
+    """Every product's catalogue facts, read in one consistent view."""
+
+    taken_at: datetime = Field(description="When inventory read them (its clock).")
+    products: list[CatalogueFact]
+
+
+@router.get(
+    "/catalogue/snapshot",
+    tags=["catalogue"],
+    summary="Internal: every product's catalogue facts and version, for a cold replica.",
+    responses=SERVICE_AUTH_RESPONSES,
+)
+async def catalogue_snapshot(ctx: Ctx, caller: ServiceCaller) -> CatalogueSnapshot:
+    """A replica subscribed to product_changed before reading this loses nothing: changes
+    committed before the read are in it, later ones come as events with higher versions."""
+    async with ctx.db.pool.acquire() as conn:
+        row = await store.catalogue_snapshot(conn)
+    products = [CatalogueFact(**p) for p in orjson.loads(row["products"])]
+    return CatalogueSnapshot(taken_at=row["taken_at"], products=products)
 
 
 @router.post(

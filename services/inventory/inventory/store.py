@@ -1,4 +1,5 @@
-"""Inventory's SQL, one function per query: the products, and the reservations' repository."""
+"""Inventory's SQL, one function per query: the products, their catalogue facts (events and
+snapshot), and the reservations' repository."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncpg
 import orjson
 from ordermesh_shared.commands import ANSWER_COLUMNS, ANSWER_FROM, Loaded, Recorded, stored_answer
 from ordermesh_shared.database import DbConn
+from ordermesh_shared.outbox.store import NOTIFY_CHANNEL
 
 from inventory.domain import Reservation, ReservedLine, Stock
 
@@ -23,6 +25,58 @@ async def list_products(conn: DbConn) -> list[asyncpg.Record]:
 async def get_product(conn: DbConn, sku: str) -> asyncpg.Record | None:
     """One product, or None."""
     return await conn.fetchrow(f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE sku = $1", sku)
+
+
+# -- the catalogue's facts: product_changed events and the snapshot -------------------------
+
+PRODUCT_CHANGED = "product_changed"
+# What a statement that changes a product's catalogue facts returns of it, for its event.
+_FACTS = "p.sku, p.name, p.price, p.available, p.version"
+
+
+def _product_events(changed: str) -> str:
+    """CTE ``product_events``: one product_changed outbox row (aggregate: the SKU) per row the
+    CTE ``changed`` returned (:data:`_FACTS`, after the change). The change's UPDATE holds
+    the product's row lock until commit, so per SKU the outbox ids, like the versions, follow
+    commit order."""
+    return (
+        "product_events AS (INSERT INTO outbox (event_id, aggregate_type, aggregate_id,"
+        f" event_type, payload) SELECT gen_random_uuid(), 'product', c.sku, '{PRODUCT_CHANGED}',"
+        " jsonb_build_object('sku', c.sku, 'name', c.name, 'price', c.price::text,"
+        "   'available', c.available, 'version', c.version)"
+        f" FROM {changed} c ORDER BY c.sku RETURNING id)"
+    )
+
+
+async def set_price(conn: DbConn, sku: str, price: Decimal) -> asyncpg.Record | None:
+    """Change a product's price with its product_changed event, in one statement; the product
+    as it is now, or None for an unknown SKU. The same price again changes nothing and writes
+    no event."""
+    return await conn.fetchrow(
+        "WITH changed AS (UPDATE products p SET price = $2, version = p.version + 1"
+        f"   WHERE p.sku = $1 AND p.price <> $2 RETURNING p.*), {_product_events('changed')},"
+        # Selected below so that it runs: the relay wakes up at commit.
+        f" woken AS (SELECT pg_notify('{NOTIFY_CHANNEL}', id::text) FROM product_events)"
+        f" SELECT {_PRODUCT_COLUMNS}, (SELECT count(*) FROM woken) AS notified FROM changed"
+        # The statement does not see its own UPDATE: unchanged, the row is read as it was.
+        f" UNION ALL SELECT {_PRODUCT_COLUMNS}, 0 FROM products"
+        "   WHERE sku = $1 AND NOT EXISTS (SELECT 1 FROM changed)",
+        sku,
+        price,
+    )
+
+
+async def catalogue_snapshot(conn: DbConn) -> asyncpg.Record:
+    """Every product's catalogue facts with its version, and the time they were read: one
+    statement, so one consistent view of all of them."""
+    row = await conn.fetchrow(
+        "SELECT now() AS taken_at, coalesce(json_agg(json_build_object('sku', p.sku,"
+        " 'name', p.name, 'price', p.price::text, 'available', p.available,"
+        """ 'version', p.version) ORDER BY p.sku COLLATE "C"), '[]')::text AS products"""
+        " FROM products p"
+    )
+    assert row is not None  # an aggregate: one row, products or not
+    return row
 
 
 # -- reservations: the repository of the Reservation aggregate -------------------------------
@@ -100,9 +154,9 @@ async def insert_reservation(conn: DbConn, reservation: Reservation, recorded: R
         # The guarded UPDATE is the concurrency story: the row lock orders racing
         # reservations, and `available >= quantity` keeps stock from going negative.
         " taken AS (UPDATE products p SET available = p.available - w.quantity,"
-        "   reserved = p.reserved + w.quantity FROM wanted w, opened"
+        "   reserved = p.reserved + w.quantity, version = p.version + 1 FROM wanted w, opened"
         "   WHERE p.sku = w.sku AND p.available >= w.quantity AND p.price = w.unit_price"
-        "   RETURNING 1),"
+        f"   RETURNING {_FACTS}), {_product_events('taken')},"
         " items AS (INSERT INTO reservation_items (reservation_id, sku, quantity, unit_price)"
         "   SELECT opened.id, w.sku, w.quantity, w.unit_price FROM opened, wanted w),"
         f" {recorded.ctes('opened', 8)}"
@@ -121,6 +175,12 @@ async def insert_reservation(conn: DbConn, reservation: Reservation, recorded: R
 
 # Where a reservation's units go when it leaves 'reserved'.
 _BUCKET = {"released": "available", "committed": "committed"}
+# Catalogue facts change with the units available: a release gives some back (a new version
+# and a product_changed event); a commit moves held units to sold, leaving available as is.
+_MOVED_FACTS = {
+    "available": (", version = p.version + 1", f" RETURNING {_FACTS}"),
+    "committed": ("", ""),
+}
 
 
 async def settle_reservation(conn: DbConn, reservation: Reservation, recorded: Recorded) -> None:
@@ -128,12 +188,15 @@ async def settle_reservation(conn: DbConn, reservation: Reservation, recorded: R
     units leave ``reserved`` for their bucket, with the event and the answer, in one
     statement. Lost race (it is no longer reserved): nothing is written; the command reruns."""
     bucket = _BUCKET[reservation.status]
+    version, facts = _MOVED_FACTS[bucket]
+    events = f" {_product_events('moved')}," if facts else ""
     await conn.execute(
         "WITH settled AS (UPDATE reservations SET status = $2, updated_at = now()"
         "   WHERE id = $1 AND status = 'reserved' RETURNING id),"
         f" moved AS (UPDATE products p SET {bucket} = p.{bucket} + l.quantity,"
-        "   reserved = p.reserved - l.quantity"
-        "   FROM unnest($3::text[], $4::int[]) AS l(sku, quantity), settled WHERE p.sku = l.sku),"
+        f"   reserved = p.reserved - l.quantity{version}"
+        "   FROM unnest($3::text[], $4::int[]) AS l(sku, quantity), settled WHERE p.sku = l.sku"
+        f"{facts}),{events}"
         f" {recorded.ctes('settled', 5)}"
         f" SELECT CASE WHEN EXISTS (SELECT 1 FROM settled) THEN {recorded.check}"
         "   ELSE command_raced()::int END",

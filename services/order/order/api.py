@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from order import commands, store
 from order.app_state import order_runtime
-from order.domain import TERMINAL_STATUSES, OrderStatus, PlaceOrderRequest
+from order.domain import TERMINAL_STATUSES, OrderStatus, PlaceOrderRequest, price_changes
 
 router = APIRouter(tags=["orders"])
 
@@ -31,7 +31,23 @@ class OrderItem(BaseModel):
 
     sku: str = Field(examples=["KB-101"])
     quantity: int = Field(examples=[2])
-    unit_price: Decimal | None = Field(None, description="Known once stock is reserved.")
+    unit_price: Decimal | None = Field(
+        None, description="The price inventory reserved at (known once stock is reserved)."
+    )
+    quoted_price: Decimal | None = Field(
+        None,
+        description="The price the catalogue replica quoted when the order was placed (null:"
+        " the replica did not know the product yet).",
+    )
+
+
+class PriceChange(BaseModel):
+    """A line that inventory reserved at another price than the quoted one."""
+
+    sku: str = Field(examples=["KB-101"])
+    quoted_price: Decimal = Field(examples=["89.00"])
+    unit_price: Decimal = Field(examples=["95.00"], description="The price taken.")
+    difference: Decimal = Field(examples=["6.00"], description="unit_price - quoted_price.")
 
 
 class SagaStep(BaseModel):
@@ -56,6 +72,10 @@ class Order(BaseModel):
     total: Decimal | None = Field(None, examples=["178.00"])
     failure_reason: str | None = Field(None, examples=["insufficient_funds: ..."])
     items: list[OrderItem]
+    price_changes: list[PriceChange] = Field(
+        description="Lines quoted at one price and reserved at another: inventory's price is"
+        " the one charged (the replica is eventually consistent)."
+    )
     steps: list[SagaStep] = Field(description="The saga's step history.")
     created_at: datetime
     updated_at: datetime
@@ -110,7 +130,11 @@ SHED_RESPONSE: dict[str, object] = {
     responses={
         200: {"description": "A replay of an earlier Idempotency-Key: that order."},
         202: {"description": "Accepted, still running: follow `Location`."},
-        422: {"description": "Invalid request, or Idempotency-Key reused with another body."},
+        422: {
+            "description": "Invalid request, Idempotency-Key reused with another body, or an"
+            " SKU the catalogue replica does not know (`reason` unknown_sku; checked once the"
+            " replica is filled: while it is cold the order goes ahead and inventory decides)."
+        },
         429: SHED_RESPONSE,
     },
 )
@@ -179,12 +203,23 @@ async def load_order(ctx: Ctx, order_id: uuid.UUID) -> Order:
 
 def _order(row: Any) -> Order:
     fields = dict(row)
-    items, steps = orjson.loads(fields.pop("items")), orjson.loads(fields.pop("steps"))
+    items = [OrderItem(**i) for i in orjson.loads(fields.pop("items"))]
+    steps = orjson.loads(fields.pop("steps"))
     return Order(
         **fields,
-        items=[OrderItem(**i) for i in items],
+        items=items,
+        price_changes=_price_changes(items),
         steps=[SagaStep(**s) for s in steps],
     )
+
+
+def _price_changes(items: list[OrderItem]) -> list[PriceChange]:
+    quoted = {item.sku: item.quoted_price for item in items}
+    taken = {item.sku: item.unit_price for item in items}
+    return [
+        PriceChange(sku=c.sku, quoted_price=c.quoted, unit_price=c.taken, difference=c.difference)
+        for c in price_changes(quoted, taken)
+    ]
 
 
 @router.get(

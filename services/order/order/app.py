@@ -15,6 +15,8 @@ from pydantic import Field
 
 from order.api import router
 from order.app_state import OrderRuntime, SagaAdmission
+from order.catalogue import start_catalogue
+from order.catalogue_api import catalogue_router
 from order.clients import OrderClients
 from order.overview import overview_router
 from order.saga import place_order_saga
@@ -38,6 +40,15 @@ class OrderSettings(ServiceSettings):
     saga_step_timeout: float = Field(3.0, gt=0, le=60, description="Timeout of one step attempt.")
     saga_lease_ttl: float = Field(
         5.0, gt=0, le=120, description="Seconds before another instance takes over a saga."
+    )
+    catalogue_refresh: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description=(
+            "Seconds between refreshes of the instance's in-memory copy of the catalogue"
+            " replica, which POST /orders quotes from."
+        ),
     )
     max_in_flight_sagas: int = Field(
         64,
@@ -72,8 +83,9 @@ def _saga_setup(settings: OrderSettings) -> Setup:
                 engine, limit=settings.max_in_flight_sagas, registry=ctx.metrics.registry
             )
             start_timeline(ctx)
+            catalogue = start_catalogue(ctx, refresh=settings.catalogue_refresh)
             # What the routes get through order_runtime (kept by the bootstrap).
-            yield OrderRuntime(engine, definition, settings.order_wait, admission)
+            yield OrderRuntime(engine, definition, settings.order_wait, admission, catalogue)
 
     return setup
 
@@ -88,7 +100,7 @@ def order_spec(settings: OrderSettings) -> ServiceSpec:
             " create the shipment; compensations in reverse when a step says no."
         ),
         migrations=MIGRATIONS,
-        routers=[router, timeline_router, overview_router],
+        routers=[router, timeline_router, overview_router, catalogue_router],
         setup=_saga_setup(settings),
         extra_migrations=(SAGA_MIGRATIONS,),
     )

@@ -1,4 +1,4 @@
-"""What the order service adds to the shared context: its saga engine and settings."""
+"""What the order service adds to the shared context: its saga engine, settings and catalogue."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ordermesh_shared.bootstrap import ServiceContext
 from ordermesh_shared.saga import SagaDefinition, SagaEngine
 from prometheus_client import CollectorRegistry, Counter
 
+from order.catalogue import CatalogueView
 from order.domain import PlaceOrder
 
 
@@ -52,13 +53,14 @@ class SagaAdmission:
 
 @dataclass(frozen=True)
 class OrderRuntime:
-    """The running saga engine, the bound saga definition, how long POST waits and how many
-    sagas it admits."""
+    """The running saga engine, the bound saga definition, how long POST waits, how many
+    sagas it admits, and the catalogue it quotes from."""
 
     engine: SagaEngine
     definition: SagaDefinition[PlaceOrder]
     wait: float
     admission: SagaAdmission
+    catalogue: CatalogueView
 
 
 def order_runtime(ctx: ServiceContext) -> OrderRuntime:

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 import asyncpg
 from fastapi.responses import JSONResponse
-from ordermesh_shared.errors import RETRY_AFTER_SECONDS, Conflict, NotFound, ServiceError
+from ordermesh_shared.errors import (
+    RETRY_AFTER_SECONDS,
+    Conflict,
+    NotFound,
+    Rejected,
+    ServiceError,
+)
 from ordermesh_shared.saga import SagaOutcome
 from ordermesh_shared.saga.store import SagaRow
 
@@ -47,18 +53,29 @@ async def place(
     key: str | None,
     fingerprint: str,
 ) -> Placed:
-    """The new order and its saga, written in one statement, or the order this key created
-    earlier; :class:`Overloaded` when this instance may start no saga and it is not a replay."""
+    """The new order, quoted from the catalogue replica, and its saga, written in one
+    statement, or the order this key created earlier; :class:`Overloaded` when this instance
+    may start no saga, ``Rejected`` for a SKU the (filled) replica does not know, unless it is
+    a replay."""
     if runtime.admission.full:
-        return Placed(await _earlier(pool, key, fingerprint, limit=runtime.admission.limit), None)
+        return Placed(await _earlier(pool, key, fingerprint, refusal=_overloaded(runtime)), None)
     order_id = uuid.uuid4()
-    saga = runtime.engine.prepare(
-        runtime.definition, order_id, PlaceOrder.from_request(order_id, request)
-    )
+    order = PlaceOrder.from_request(order_id, request)
+    try:
+        quoted = runtime.catalogue.quote(order.lines)  # this instance's copy: no round trip
+    except Rejected as refusal:
+        return Placed(await _earlier(pool, key, fingerprint, refusal=refusal), None)
+    saga = runtime.engine.prepare(runtime.definition, order_id, order)
     with runtime.admission.creating():
         async with pool.acquire() as conn:
             if await store.place_order(
-                conn, order_id, request, idempotency_key=key, request_hash=fingerprint, saga=saga
+                conn,
+                order_id,
+                request,
+                quoted,
+                idempotency_key=key,
+                request_hash=fingerprint,
+                saga=saga,
             ):
                 return Placed(order_id, saga.row)
             existing = await store.order_for_key(conn, key or "")
@@ -67,18 +84,22 @@ async def place(
 
 
 async def _earlier(
-    pool: asyncpg.Pool, key: str | None, fingerprint: str, *, limit: int
+    pool: asyncpg.Pool, key: str | None, fingerprint: str, *, refusal: ServiceError
 ) -> uuid.UUID:
-    """Under overload: the order this key created earlier (a replay creates nothing, so it is
-    not shed), else :class:`Overloaded`."""
+    """The order this key created earlier (a replay creates nothing, so it is neither shed nor
+    checked against today's catalogue), else ``refusal``."""
     if key is not None:
         async with pool.acquire() as conn:
             existing = await store.order_for_key(conn, key)
         if existing is not None:
             return replayed(existing["id"], existing["request_hash"], fingerprint, key)
-    raise Overloaded(
-        f"this order instance is running its limit of {limit} sagas; nothing was created,"
-        " retry after Retry-After",
+    raise refusal
+
+
+def _overloaded(runtime: OrderRuntime) -> Overloaded:
+    return Overloaded(
+        f"this order instance is running its limit of {runtime.admission.limit} sagas; nothing"
+        " was created, retry after Retry-After",
         reason="overloaded",
     )
 

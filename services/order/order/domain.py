@@ -1,14 +1,17 @@
-"""Orders: the request people send, the saga's input, and the statuses an order goes through."""
+"""Orders: the request people send, the saga's input, the statuses an order goes through, and
+the quote from the catalogue replica compared with what inventory took."""
 
 from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+from ordermesh_shared.errors import Rejected
 from ordermesh_shared.idempotency import KeyReused
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -142,6 +145,73 @@ def replayed(
     if stored_fingerprint != fingerprint:
         raise KeyReused(f"Idempotency-Key {key!r} was already used for a different order")
     return order_id
+
+
+# -- quoting from the catalogue replica, and what inventory then took ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProductFact:
+    """What the catalogue replica knows of a product: inventory's facts at one version."""
+
+    sku: str
+    name: str
+    price: Decimal
+    available: int  # a hint: inventory decides at reservation
+    version: int  # inventory's; grows with every change of price or availability
+    changed_at: datetime | None = None  # the event's time at inventory (None: a snapshot's)
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """The unit prices the replica quoted for an order's lines (SKU -> price); a line the
+    replica does not know is missing, which only a cold replica allows."""
+
+    prices: Mapping[str, Decimal]
+
+    def price_of(self, sku: str) -> Decimal | None:
+        """The quoted unit price of ``sku``, or None when it was not quoted."""
+        return self.prices.get(sku)
+
+
+def quote(lines: Sequence[Line], catalogue: Mapping[str, ProductFact], *, filled: bool) -> Quote:
+    """The replica's prices for ``lines``. Once the replica has been filled from inventory an
+    unknown SKU is refused (422); while it is cold, what it does not know yet is let through
+    unquoted, and inventory's reservation decides."""
+    unknown = sorted(line.sku for line in lines if line.sku not in catalogue)
+    if unknown and filled:
+        raise Rejected(
+            f"unknown SKU(s): {', '.join(unknown)} (GET /catalogue lists the products)",
+            reason="unknown_sku",
+        )
+    return Quote({line.sku: catalogue[line.sku].price for line in lines if line.sku in catalogue})
+
+
+@dataclass(frozen=True, slots=True)
+class PriceChange:
+    """A line whose price at inventory's reservation differs from the quoted one."""
+
+    sku: str
+    quoted: Decimal
+    taken: Decimal
+
+    @property
+    def difference(self) -> Decimal:
+        """What the customer pays per unit over the quote (negative: less)."""
+        return self.taken - self.quoted
+
+
+def price_changes(
+    quoted: Mapping[str, Decimal | None], taken: Mapping[str, Decimal | None]
+) -> list[PriceChange]:
+    """The lines, by SKU, that were quoted and then taken at another price. A line not quoted
+    (cold replica) or not taken (nothing reserved) has nothing to compare."""
+    changes = []
+    for sku in sorted(quoted):
+        was, now = quoted[sku], taken.get(sku)
+        if was is not None and now is not None and was != now:
+            changes.append(PriceChange(sku, was, now))
+    return changes
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from ordermesh_shared.database import DbConn
 from ordermesh_shared.outbox.store import event_ctes
 from ordermesh_shared.saga.engine import PreparedSaga
 
-from order.domain import PlaceOrderRequest
+from order.domain import PlaceOrderRequest, Quote
 
 _ORDER_COLUMNS = (
     "id, customer_id, destination, status, total, failure_reason, created_at, updated_at"
@@ -25,31 +25,32 @@ async def place_order(
     conn: DbConn,
     order_id: uuid.UUID,
     request: PlaceOrderRequest,
+    quoted: Quote,
     *,
     idempotency_key: str | None,
     request_hash: str,
     saga: PreparedSaga,
 ) -> bool:
-    """A new pending order with its lines, its saga and its ``order.created`` event, in one
-    statement (one round trip, all or nothing); False, and nothing written, when the
-    idempotency key already names another order.
+    """A new pending order with its lines (and their quoted prices), its saga and its
+    ``order.created`` event, in one statement (one round trip, all or nothing); False, and
+    nothing written, when the idempotency key already names another order.
 
     ON CONFLICT waits for a concurrent insert with the same key to commit, so racing posts
     of one key end with one order.
     """
-    saga_sql, saga_args = saga.ctes("header", 8)
+    saga_sql, saga_args = saga.ctes("header", 9)
     payload = {"order_id": str(order_id), **request.model_dump(mode="json")}
     event_sql, event_args = event_ctes(
-        uuid.uuid4(), "order", str(order_id), "created", payload, after="header", first=13
+        uuid.uuid4(), "order", str(order_id), "created", payload, after="header", first=14
     )
     inserted = await conn.fetchval(
         "WITH header AS (INSERT INTO orders"
         "   (id, customer_id, destination, status, idempotency_key, request_hash)"
         "   VALUES ($1, $2, $3, 'pending', $4, $5)"
         "   ON CONFLICT (idempotency_key) DO NOTHING RETURNING id),"
-        " lines AS (INSERT INTO order_items (order_id, sku, quantity)"
-        "   SELECT header.id, line.sku, line.quantity"
-        "     FROM header, unnest($6::text[], $7::int[]) AS line(sku, quantity)),"
+        " lines AS (INSERT INTO order_items (order_id, sku, quantity, quoted_price)"
+        "   SELECT header.id, line.sku, line.quantity, line.quoted FROM header,"
+        "     unnest($6::text[], $7::int[], $8::numeric[]) AS line(sku, quantity, quoted)),"
         f" {saga_sql}, {event_sql}"
         " SELECT count(*) + (SELECT count(*) FROM woken) FROM header",
         order_id,
@@ -59,6 +60,7 @@ async def place_order(
         request_hash,
         [line.sku for line in request.items],
         [line.quantity for line in request.items],
+        [quoted.price_of(line.sku) for line in request.items],
         *saga_args,
         *event_args,
     )
@@ -82,7 +84,8 @@ async def get_order(conn: DbConn, order_id: uuid.UUID) -> asyncpg.Record | None:
 _FULL_ORDER = (
     f"SELECT {_ORDER_COLUMNS},"
     " (SELECT coalesce(json_agg(json_build_object('sku', i.sku, 'quantity', i.quantity,"
-    "     'unit_price', i.unit_price::text) ORDER BY i.sku), '[]')"
+    "     'unit_price', i.unit_price::text, 'quoted_price', i.quoted_price::text)"
+    "     ORDER BY i.sku), '[]')"
     "   FROM order_items i WHERE i.order_id = o.id)::text AS items,"
     " (SELECT coalesce(json_agg(json_build_object('step', s.step, 'direction', s.direction,"
     "     'status', s.status, 'attempts', s.attempts, 'last_error', s.last_error,"
