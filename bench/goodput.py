@@ -10,7 +10,8 @@ run, alternating which stack goes first:
    orders that reached ``completed`` inside the window (``orders.updated_at`` on the server)
    per second; also how many were shed (429), cancelled or still pending when the window
    closed, and the p99 answer time of the orders admitted (``ORDER_WAIT=20``: answered when
-   the saga ended).
+   the saga ended). The backlog (outbox rows pending, queued messages: bench/backlog.py)
+   is taken at the window's start and end; a window whose backlog grew flags the figures.
 3. drain: wait until no order is pending (the backlog of the stack without shedding runs
    into its deadlines and compensations), then top up stock and money.
 
@@ -34,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.backlog import BacklogProbe, window_growth
 from bench.bare_saga import connect
 from bench.saga import (
     TOP_UP_MONEY,
@@ -41,6 +43,7 @@ from bench.saga import (
     Figure,
     LocalStack,
     Target,
+    backlog_flags,
     closed_loop,
     happy_orders,
     local_stack,
@@ -73,6 +76,7 @@ class OverloadRun:
     final: dict[str, int] = field(default_factory=dict)
     most_in_flight: int = 0
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    backlog: dict[str, Any] | None = None  # window_growth() of the window
 
     @property
     def goodput(self) -> float:
@@ -104,9 +108,13 @@ class OverloadRun:
 # -- the load --------------------------------------------------------------------------------
 
 
-async def open_loop(stack: LocalStack, *, rate: float, window: float) -> OverloadRun:
+async def open_loop(
+    stack: LocalStack, *, rate: float, window: float, probe: BacklogProbe | None = None
+) -> OverloadRun:
     """Happy orders at ``rate``/s for ``window`` s (arrival times fixed in advance: lateness
-    does not thin the load); waits for every answer, then counts from the database."""
+    does not thin the load); waits for every answer, then counts from the database. With a
+    ``probe``, the backlog at the window's start and end too."""
+    start = await probe.snapshot() if probe else None
     run = OverloadRun(rate, window)
     url = stack.url("order-1")
     connector = aiohttp.TCPConnector(limit=0)
@@ -122,6 +130,9 @@ async def open_loop(stack: LocalStack, *, rate: float, window: float) -> Overloa
             for n in range(int(rate * window)):
                 await asyncio.sleep(max(0.0, begin + n / rate - time.monotonic()))
                 tg.create_task(_place(session, url, next(orders), run))
+            if probe is not None and start is not None:
+                await asyncio.sleep(max(0.0, begin + window - time.monotonic()))
+                run.backlog = window_growth(start, await probe.snapshot())
         sampler.cancel()
     ended = run.started + timedelta(seconds=window)
     run.completed_in_window = await completed_between(stack, run.started, ended)
@@ -230,22 +241,33 @@ def alternating(run: int, on: LocalStack, off: LocalStack) -> Iterator[tuple[str
     yield from pair if run % 2 == 0 else reversed(pair)
 
 
-async def measure_runs(on: LocalStack, off: LocalStack, *, runs: int, window: float) -> Runs:
-    """``runs`` overload runs of each stack, then the sustainable check."""
+async def measure_runs(
+    on: LocalStack,
+    off: LocalStack,
+    *,
+    runs: int,
+    window: float,
+    probes: dict[str, BacklogProbe] | None = None,
+) -> Runs:
+    """``runs`` overload runs of each stack, then the sustainable check; ``probes`` (by
+    label) watch each window's backlog."""
+    probes = probes or {}
     seen = Runs()
     for run in range(runs):
         stacks = [stack for _, stack in alternating(run, on, off)]
         rate = OVERLOAD * await saturation(stacks)
         seen.saturation.append(rate / OVERLOAD)
         for label, stack in alternating(run, on, off):
-            result = await open_loop(stack, rate=rate, window=window)
+            result = await open_loop(stack, rate=rate, window=window, probe=probes.get(label))
             await drain(stack, result)
             getattr(seen, label).append(result)
             print(f"  run {run + 1} shedding {label:<3} at {rate:.0f}/s: {result.summary()}",
                   flush=True)  # fmt: skip
     rate = SUSTAINABLE * statistics.median(seen.saturation)
     for _ in range(runs):
-        result = await open_loop(on, rate=rate, window=min(window, SUSTAINABLE_WINDOW))
+        result = await open_loop(
+            on, rate=rate, window=min(window, SUSTAINABLE_WINDOW), probe=probes.get("on")
+        )
         await drain(on, result)
         seen.sustainable.append(result)
         print(f"  sustainable {rate:.0f}/s, shedding on: {result.summary()}", flush=True)
@@ -264,7 +286,9 @@ def figures(seen: Runs, *, bound: int, window: float) -> list[Figure]:
         "answers": _both(seen, lambda r: dict(r.answers)),
         "final_statuses": _both(seen, lambda r: r.final),
         "most_in_flight": _both(seen, lambda r: r.most_in_flight),
+        "backlog": _both(seen, lambda r: r.backlog),
     }
+    flags = _overload_flags(seen)
     return [
         Figure(
             f"goodput at {OVERLOAD:g}x saturation, shedding on",
@@ -275,6 +299,7 @@ def figures(seen: Runs, *, bound: int, window: float) -> list[Figure]:
             Target("ratio", ">=", 1.0, ">= 1x shedding off"),
             note=note,
             detail=detail,
+            flags=flags,
         ),
         Figure(
             f"goodput at {OVERLOAD:g}x saturation / saturation, shedding on",
@@ -283,6 +308,7 @@ def figures(seen: Runs, *, bound: int, window: float) -> list[Figure]:
             [r.goodput / s for r, s in zip(seen.off, seen.saturation, strict=True)],
             "shedding off",
             note="goodput over the same run's closed-loop throughput",
+            flags=list(flags),
         ),
         Figure(
             f"p99 of admitted orders at {OVERLOAD:g}x saturation, shedding on",
@@ -293,6 +319,15 @@ def figures(seen: Runs, *, bound: int, window: float) -> list[Figure]:
             note="answer time of every order not shed (ORDER_WAIT=20: when its saga ended)",
         ),
         _sustainable_figure(seen, bound=bound),
+    ]
+
+
+def _overload_flags(seen: Runs) -> list[str]:
+    """The flags of both stacks' overload windows, each saying which stack it was."""
+    return [
+        f"shedding {label}: {flag}"
+        for label in ("on", "off")
+        for flag in backlog_flags([r.backlog for r in getattr(seen, label) if r.backlog])
     ]
 
 
@@ -307,7 +342,9 @@ def _sustainable_figure(seen: Runs, *, bound: int) -> Figure:
         [float(r.most_in_flight) for r in seen.sustainable],
         target=Target("value", "<", bound, f"< {bound} (the bound: nothing shed)"),
         note="pending orders, sampled every 100 ms, open loop",
+        flags=backlog_flags([r.backlog for r in seen.sustainable if r.backlog]),
         detail={
+            "backlog": [r.backlog for r in seen.sustainable],
             "shed_429": [r.shed for r in seen.sustainable],
             "goodput": [round(r.goodput, 1) for r in seen.sustainable],
             "p99_ms": [round(r.p99_ms) for r in seen.sustainable],
@@ -325,6 +362,9 @@ async def measure(*, smoke: bool = False) -> list[Figure]:
     async with (
         local_stack(port_offset=ON_PORT_OFFSET, env=STACK_ENV) as on,
         local_stack(port_offset=OFF_PORT_OFFSET, env=off_env) as off,
+        await BacklogProbe.of(on) as on_probe,
+        await BacklogProbe.of(off) as off_probe,
     ):
-        seen = await measure_runs(on, off, runs=1 if smoke else 3, window=window)
+        probes = {"on": on_probe, "off": off_probe}
+        seen = await measure_runs(on, off, runs=1 if smoke else 3, window=window, probes=probes)
     return figures(seen, bound=bound, window=window)
