@@ -19,7 +19,7 @@ failure are retried the same way.
 
 >>> @router.post("/reservations", status_code=201)
 ... async def reserve(body: ReserveRequest, ctx: Ctx, key: IdempotencyKey, request: Request):
-...     return await run_command(ctx.db.pool, key, fingerprint(request, body), ReserveStock(body))
+...     return await run_command(ctx.db, key, fingerprint(request, body), ReserveStock(body))
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from ordermesh_shared.database import DbConn
+from ordermesh_shared.database import Database, DbConn
 from ordermesh_shared.errors import ServiceError, Unavailable
 from ordermesh_shared.idempotency import CallerKey, KeyReused
 from ordermesh_shared.messaging.topology import check_word
 from ordermesh_shared.outbox.store import event_ctes
+from ordermesh_shared.relay_bell import RelayBell
 
 StateT = TypeVar("StateT")
 StateT_co = TypeVar("StateT_co", covariant=True)
@@ -149,6 +150,7 @@ class Recorded:
     fingerprint: str
     answer: Answer
     event: Event | None
+    notify: bool = True  # False: the relay here leads; the writer rings Database.bell instead
 
     def ctes(self, after: str, first: int) -> str:
         """The CTEs, as ``name AS (...)`` joined by commas (no leading WITH or comma)."""
@@ -173,6 +175,7 @@ class Recorded:
             jsonable_encoder(event.payload),
             after=after,
             first=first,
+            notify=self.notify,
         )
 
     @property
@@ -211,14 +214,14 @@ def stored_answer(row: asyncpg.Record) -> StoredAnswer | None:
 
 
 async def run_command(
-    pool: asyncpg.Pool, key: CallerKey, fingerprint: str, command: Command[Any, Any]
+    db: Database, key: CallerKey, fingerprint: str, command: Command[Any, Any]
 ) -> JSONResponse:
     """Run ``command`` once per caller and key: the first call's answer, success or refusal,
     is stored with its effect; every later call with the key gets it back."""
-    async with pool.acquire() as conn:
+    async with db.pool.acquire() as conn:
         for _ in range(MAX_ATTEMPTS):
             try:
-                return await _attempt(conn, key, fingerprint, command)
+                return await _attempt(conn, db.bell, key, fingerprint, command)
             except (asyncpg.TransactionRollbackError, asyncpg.UniqueViolationError):
                 continue  # lost a race: the next load sees the winner's work
     raise CommandRaced(
@@ -227,7 +230,7 @@ async def run_command(
 
 
 async def _attempt(
-    conn: DbConn, key: CallerKey, fingerprint: str, command: Command[Any, Any]
+    conn: DbConn, bell: RelayBell, key: CallerKey, fingerprint: str, command: Command[Any, Any]
 ) -> JSONResponse:
     loaded = await command.load(conn, key.stored)
     if loaded.stored is not None:
@@ -240,9 +243,12 @@ async def _attempt(
         decision = command.decide(loaded.state)
     except ServiceError as refusal:  # a business "no" is an answer too, stored as one
         decision = Decision(Answer(refusal.status_code, jsonable_encoder(refusal.body())))
-    recorded = Recorded(key.stored, fingerprint, decision.answer, decision.event)
+    notify = bell.notify_others
+    recorded = Recorded(key.stored, fingerprint, decision.answer, decision.event, notify)
     if decision.change is not None:
-        await command.save(conn, decision.change, recorded)
+        await command.save(conn, decision.change, recorded)  # one statement: committed
+        if decision.event is not None:
+            bell.ring()
     else:
         await _answer_only(conn, recorded)
     return decision.answer.response(replay=False)

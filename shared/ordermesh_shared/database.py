@@ -23,6 +23,8 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
+from ordermesh_shared.relay_bell import RelayBell
+
 log = structlog.get_logger(__name__)
 
 # What store functions take: a bare connection or one borrowed from the pool.
@@ -92,6 +94,8 @@ class Database:
         self._pool: asyncpg.Pool | None = None
         self.migrated = False
         self.migration_error: str | None = None  # a failure waiting cannot heal
+        # Writers ring it after committing outbox events; the relay here (if it leads) wakes.
+        self.bell = RelayBell()
 
     @property
     def idle_in_transaction_timeout(self) -> float:

@@ -9,7 +9,7 @@ stored under a key, or occupy in advance the key a compensation will use.
 >>> @router.post("/payments")
 ... async def charge(body: ChargeRequest, ctx: Ctx, key: IdempotencyKey, request: Request):
 ...     command = ChargeCustomer(body)
-...     return await run_command(ctx.db.pool, key, fingerprint(request, body), command)
+...     return await run_command(ctx.db, key, fingerprint(request, body), command)
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from ordermesh_shared.outbox import relay as relay_module
 from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader
 from ordermesh_shared.outbox.store import (
     CLAIM_SQL,
+    NOTIFY_CHANNEL,
     PRUNE_SQL,
     RECORD_FAILURES_SQL,
     Backoff,
@@ -519,3 +520,72 @@ async def test_a_bad_batch_is_retried_after_its_backoff_not_at_the_poll(
         await eventually(lambda: _has_effects(db, 1), timeout=5)
         await eventually(lambda: _all_marked(db))
     assert await unpublished(db) == 0
+
+
+async def commit_and_ring(db: Database, thing: str) -> None:
+    """A writer of this process: NOTIFY only when no relay here leads, ring after commit."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        await add_event(
+            conn,
+            aggregate_type="thing",
+            aggregate_id=thing,
+            event_type="updated",
+            payload={"version": 1},
+            notify=db.bell.notify_others,
+        )
+    db.bell.ring()
+
+
+@asynccontextmanager
+async def counting_notifications(db: Database) -> AsyncIterator[list[str]]:
+    heard: list[str] = []
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *args: heard.append(str(args[-1])))
+        yield heard
+    finally:
+        await conn.close()
+
+
+async def test_the_relay_here_is_woken_by_the_bell_not_by_notify(
+    db: Database, broker: Broker
+) -> None:
+    # The poll an hour away: only the bell can have woken the relay in time; and while it
+    # leads, this process's writes send no NOTIFY (committed one at a time, server-wide).
+    relay = OutboxRelay(db, broker, service=SERVICE, settings=replace(FAST, poll_interval=3600))
+    assert db.bell.notify_others  # no relay here yet
+    async with counting_notifications(db) as heard, consuming(db, broker):
+        async with background(relay.run(SoleLeader())):
+            await eventually(lambda: _leading(db))
+            for i in range(20):
+                await commit_and_ring(db, f"b{i % 4}")
+                await asyncio.sleep(0.01)
+            await eventually(lambda: _has_effects(db, 20), timeout=5)
+        assert db.bell.notify_others  # stepped down: writers notify again
+        await asyncio.sleep(0.1)  # a NOTIFY sent would have arrived by now
+    assert heard == []
+
+
+async def _leading(db: Database) -> bool:
+    return not db.bell.notify_others
+
+
+async def test_under_load_a_batch_gathers_the_events_of_its_linger(
+    db: Database, broker: Broker
+) -> None:
+    # 60 events, one every ~5 ms: without the linger each woke a batch of its own.
+    batches: list[int] = []
+
+    async def count_batch(events: Sequence[OutgoingEvent]) -> None:
+        batches.append(len(events))
+
+    settings = replace(FAST, poll_interval=3600, linger=0.05)
+    relay = OutboxRelay(db, broker, service=SERVICE, settings=settings, after_confirm=count_batch)
+    async with consuming(db, broker), background(relay.run(SoleLeader())):
+        await eventually(lambda: _leading(db))
+        for i in range(60):
+            await commit_and_ring(db, f"l{i % 6}")
+            await asyncio.sleep(0.005)
+        await eventually(lambda: _has_effects(db, 60), timeout=10)
+    assert sum(batches) == 60
+    assert len(batches) <= 15, batches  # ~0.4 s of writes / 0.05 s linger, and some slack

@@ -40,6 +40,7 @@ from ordermesh_shared.bootstrap import ServiceSpec
 from ordermesh_shared.config import ServiceSettings
 from ordermesh_shared.database import Database
 from ordermesh_shared.outbox.relay import OutboxRelay
+from ordermesh_shared.outbox.wiring import relay_fence
 from payment.app import SPEC as PAYMENT
 from payment.app import PaymentSettings
 from shipping.app import SPEC as SHIPPING
@@ -58,7 +59,8 @@ pytestmark = pytest.mark.integration
 # services together); 15 today.
 REQUEST_PATH_BUDGET = {"order": 7, "inventory": 4, "payment": 2, "shipping": 2}
 REQUEST_PATH_TARGET = 20
-# One relay batch per service, whatever it carries: BEGIN, claim, mark published, COMMIT.
+# One relay batch per service, whatever it carries: BEGIN, claim, fence and mark published
+# (one statement), COMMIT.
 RELAY_BUDGET = {"order": 4, "inventory": 4, "payment": 4, "shipping": 4}
 # The timeline consumer: BEGIN, inbox rows, timeline rows, COMMIT per batch of events; how
 # events fall into batches is the broker's timing, so the bound is a batch of one per event.
@@ -180,7 +182,7 @@ async def place_and_relay(services: Services) -> Measured:
     measured.connected = {s: p.connections for s, p in services.proxies.items()}
     for service, (relay, proxy) in services.relays.items():
         services.reset()
-        batch = await relay.relay_batch(token=0)
+        batch = await relay.relay_batch(token=1)
         assert batch.published == batch.claimed > 0, batch
         measured.events += batch.published
         services.published += batch.published
@@ -314,13 +316,14 @@ async def own_database(stack: AsyncExitStack, service: str) -> str:
 async def relay_of(
     stack: AsyncExitStack, client: httpx.AsyncClient, dsn: str
 ) -> tuple[OutboxRelay, CountingPgProxy]:
-    """The service's relay (as OUTBOX_RELAY=standalone runs it) on a pool of its own,
+    """The service's relay (as OUTBOX_RELAY=elected runs it: fenced) on a pool of its own,
     through a proxy of its own, sharing the service's broker connection."""
     ctx = context_of(client)
     proxy = await stack.enter_async_context(CountingPgProxy(dsn))
     db = await stack.enter_async_context(Database(proxy.dsn, max_size=1))
     await db.migrate()  # nothing to apply: the service migrated its database
-    return OutboxRelay(db, ctx.broker, service=ctx.instance.service), proxy
+    service = ctx.instance.service
+    return OutboxRelay(db, ctx.broker, service=service, fence=relay_fence(service)), proxy
 
 
 @contextlib.contextmanager

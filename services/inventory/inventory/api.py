@@ -142,7 +142,7 @@ async def reserve(
     body: ReserveRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.ReserveStock(body)
-    return await run_command(ctx.db.pool, key, fingerprint(request, body), command)
+    return await run_command(ctx.db, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -156,7 +156,7 @@ async def release(
     order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.ReleaseStock(order_id)
-    return await run_command(ctx.db.pool, key, fingerprint(request), command)
+    return await run_command(ctx.db, key, fingerprint(request), command)
 
 
 @router.post(
@@ -170,7 +170,7 @@ async def commit(
     order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.CommitStock(order_id)
-    return await run_command(ctx.db.pool, key, fingerprint(request), command)
+    return await run_command(ctx.db, key, fingerprint(request), command)
 
 
 @router.get(

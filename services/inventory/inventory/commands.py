@@ -1,6 +1,6 @@
 """Inventory's commands: load, decide (in the domain), save; each one idempotent by key.
 
->>> await run_command(pool, key, fingerprint(request, body), ReserveStock(body))
+>>> await run_command(db, key, fingerprint(request, body), ReserveStock(body))
 """
 
 from __future__ import annotations

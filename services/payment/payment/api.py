@@ -81,7 +81,7 @@ async def charge(
     body: ChargeRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.ChargeCustomer(body)
-    return await run_command(ctx.db.pool, key, fingerprint(request, body), command)
+    return await run_command(ctx.db, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -95,7 +95,7 @@ async def refund(
     order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.RefundCustomer(order_id)
-    return await run_command(ctx.db.pool, key, fingerprint(request), command)
+    return await run_command(ctx.db, key, fingerprint(request), command)
 
 
 @router.get(

@@ -1,6 +1,6 @@
 """Payment's commands: load, decide (in the domain), save; each one idempotent by key.
 
->>> await run_command(pool, key, fingerprint(request, body), ChargeCustomer(body))
+>>> await run_command(db, key, fingerprint(request, body), ChargeCustomer(body))
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ async def create(
     body: ShipRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.CreateShipment(body)
-    return await run_command(ctx.db.pool, key, fingerprint(request, body), command)
+    return await run_command(ctx.db, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -67,7 +67,7 @@ async def cancel(
     order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.CancelShipment(order_id)
-    return await run_command(ctx.db.pool, key, fingerprint(request), command)
+    return await run_command(ctx.db, key, fingerprint(request), command)
 
 
 @router.get(

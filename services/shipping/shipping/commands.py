@@ -1,6 +1,6 @@
 """Shipping's commands: load, decide (in the domain), save; each one idempotent by key.
 
->>> await run_command(pool, key, fingerprint(request, body), CreateShipment(body))
+>>> await run_command(db, key, fingerprint(request, body), CreateShipment(body))
 """
 
 from __future__ import annotations

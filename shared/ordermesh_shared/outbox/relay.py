@@ -42,6 +42,8 @@ from typing import NoReturn, Protocol
 import asyncpg
 import structlog
 
+from ordermesh_shared.coordination.errors import StaleToken
+from ordermesh_shared.coordination.fencing import current_token, fence
 from ordermesh_shared.database import Database, DbConn
 from ordermesh_shared.messaging.envelope import OutgoingEvent
 from ordermesh_shared.messaging.failures import ConnectionSource, is_transient
@@ -95,8 +97,32 @@ class Leadership(Protocol):
     async def run_while_leader(self, work: Callable[[LeaderTerm], Awaitable[None]]) -> None: ...
 
 
-# Checks, inside the marking transaction, that ``token`` is still the newest; raises FencedOut.
-Fence = Callable[[DbConn, int], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The relay's fence: its leadership token must be the newest ``resource`` has seen when
+    it marks rows published (``resource`` None: unfenced, for a :class:`SoleLeader`)."""
+
+    resource: str | None = None
+
+    async def check(self, conn: DbConn, token: int) -> None:
+        """Record ``token`` now (inside ``conn``'s transaction) or raise :class:`FencedOut`."""
+        if self.resource is None:
+            return
+        try:
+            await fence(conn, resource=self.resource, token=token)
+        except StaleToken as exc:
+            raise FencedOut(str(exc), token=exc.token, current=exc.current) from exc
+
+    async def mark(self, conn: DbConn, row_ids: Sequence[int], token: int) -> None:
+        """Mark ``row_ids`` published, the token checked in the same statement."""
+        where = None if self.resource is None else (self.resource, token)
+        if not await mark_published(conn, row_ids, fence=where):
+            assert self.resource is not None
+            current = await current_token(conn, resource=self.resource)
+            stale = StaleToken(self.resource, token, current or 0)
+            raise FencedOut(str(stale), token=token, current=current) from stale
+
+
 # Test hook: runs after the broker confirmed a batch and before the rows are marked.
 AfterConfirm = Callable[[Sequence[OutgoingEvent]], Awaitable[None]]
 
@@ -122,8 +148,8 @@ class SoleLeader:
             await asyncio.sleep(1.0)
 
 
-async def no_fence(_conn: DbConn, _token: int) -> None:
-    """The fence of a :class:`SoleLeader` relay: nothing else writes, nothing to check."""
+# The fence of a :class:`SoleLeader` relay: nothing else writes, nothing to check.
+no_fence = Fence()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +165,9 @@ class RelaySettings:
     pipeline: int = 2
     publish_timeout: float = 5.0
     poll_interval: float = 2.0
+    # Under load, claims are spaced at least this far apart, so a batch carries the events
+    # of that moment instead of one each; after a quiet spell the first event goes at once.
+    linger: float = 0.005
     retry: Backoff = field(default_factory=Backoff)  # of a failed event; then quarantine
     error_backoff_max: float = 5.0  # while the database or broker is down
     prune_after: float = 7 * 24 * 3600.0  # keep published rows this long (for audits)
@@ -201,6 +230,8 @@ class OutboxRelay:
         self._in_flight = 0  # own batches between their claim and their commit
         self._held_for_later: set[int] = set()  # held behind an own batch: look at its end
         self._wakeup: asyncio.Event | None = None
+        self._rung_seen = 0  # db.bell.rung at the last claim's start
+        self._claimed_at = 0.0  # monotonic time of the last claim's start
         # Notifications often arrive after their row was claimed: those wake nobody.
         self._claimed = _RecentIds(limit=4 * self.settings.batch_size)
         # A frozen relay must not hold its claimed rows for ever: the pool ends transactions
@@ -243,8 +274,7 @@ class OutboxRelay:
                 outcome = await self._publisher.publish(claim.events)
                 if self._after_confirm is not None:
                     await self._after_confirm(outcome.confirmed)
-                await self._fence(conn, token)
-                quarantined = await self._record(conn, outcome)
+                quarantined = await self._record(conn, outcome, token)
         finally:
             if in_flight:
                 self._in_flight -= 1
@@ -258,6 +288,9 @@ class OutboxRelay:
         # (held back, or another relay's), they need no batch of their own.
         seen_before = set(self._notified)
         self._look_anyway = False
+        # Rung before the claim: committed before it, so visible to it.
+        self._rung_seen = self._db.bell.rung
+        self._claimed_at = time.monotonic()
         claim = await claim_batch(conn, limit=self.settings.batch_size)
         for event in claim.events:
             self._claimed.add(event.sequence)
@@ -285,10 +318,11 @@ class OutboxRelay:
         """Record our token at once, so a stale leader's next marks fail even if we have
         nothing to publish yet."""
         async with self._db.pool.acquire() as conn, conn.transaction():
-            await self._fence(conn, token)
+            await self._fence.check(conn, token)
 
-    async def _record(self, conn: DbConn, outcome: BatchOutcome) -> list[int]:
-        await mark_published(conn, [e.sequence for e in outcome.confirmed])
+    async def _record(self, conn: DbConn, outcome: BatchOutcome, token: int) -> list[int]:
+        # Fenced even with nothing confirmed: a stale leader must not count failures either.
+        await self._fence.mark(conn, [e.sequence for e in outcome.confirmed], token)
         failures = [Failure(e.sequence, describe(exc)) for e, exc in outcome.failed]
         record = await record_failures(conn, failures, backoff=self.settings.retry)
         if record.next_retry_in is not None:
@@ -342,6 +376,7 @@ class OutboxRelay:
         if not await self._fence_in(term):
             return
         self._wakeup = wakeup
+        self._db.bell.lead(wakeup)  # writers here stop notifying and ring instead
         self._look_anyway = True  # rows may be waiting from before this term
         ended = asyncio.Event()  # fenced out: every worker stops
         turn = asyncio.Lock()  # one worker at a time waits for work and claims
@@ -354,6 +389,7 @@ class OutboxRelay:
                 log.error("outbox.relay_worker_failed", exc_info=other)
             raise failed.exceptions[0] from None
         finally:
+            self._db.bell.step_down()
             self._wakeup = None
 
     async def _fence_in(self, term: LeaderTerm) -> bool:
@@ -429,12 +465,25 @@ class OutboxRelay:
 
     async def _idle(self, ended: asyncio.Event) -> bool:
         """Wait until there may be rows to claim; False when the term ended meanwhile."""
-        if not (self._last_full or self._look_anyway or self._notified):
+        if not self._due():
             wakeup = self._wakeup
             assert wakeup is not None
             wakeup.clear()
             await _wait(wakeup, self._idle_wait())
+        await self._linger()
         return not ended.is_set()
+
+    def _due(self) -> bool:
+        rung = self._db.bell.rung > self._rung_seen
+        return self._last_full or self._look_anyway or bool(self._notified) or rung
+
+    async def _linger(self) -> None:
+        """Space claims ``linger`` apart: under load the next batch gathers what arrives
+        meanwhile (each batch costs the same four round trips, whatever it carries); a claim
+        after a quiet spell, or behind a full one, goes at once."""
+        wait = self._claimed_at + self.settings.linger - time.monotonic()
+        if wait > 0 and not self._last_full:
+            await asyncio.sleep(wait)
 
     def _fenced(self, term: LeaderTerm, exc: FencedOut, *, first: bool = True) -> None:
         self.status.fenced_out(term_token=term.token, stored_token=exc.current)

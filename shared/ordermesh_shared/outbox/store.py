@@ -22,6 +22,7 @@ import orjson
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.messaging.envelope import OutgoingEvent
 from ordermesh_shared.messaging.topology import check_word
+from ordermesh_shared.tracing import TRACEPARENT, current_traceparent
 
 NOTIFY_CHANNEL = "ordermesh_outbox"
 
@@ -118,11 +119,15 @@ async def add_event(
     ``notify=False`` leaves the relay to find the row at its next poll. The NOTIFY costs:
     Postgres commits notifying transactions one at a time, cluster-wide (measured here: 16
     writers commit ~2x slower), so a bulk writer may prefer to skip it.
+
+    Inside a trace, the current ``traceparent`` goes into ``headers`` (unless given there):
+    the relay sends it as the CloudEvents tracing extension and consumers continue the trace.
     """
     if not conn.is_in_transaction():
         raise NotInTransaction("add_event must run inside the business transaction")
     check_word(event_type, what="event type")
     _check_headers(headers or {})
+    headers = traced(headers)
     event_id = uuid.uuid4()
     # One round trip; pg_notify inside the transaction is delivered only if it commits.
     await conn.execute(
@@ -132,9 +137,17 @@ async def add_event(
         aggregate_id,
         event_type,
         orjson.dumps(payload).decode(),
-        orjson.dumps(dict(headers or {})).decode(),
+        orjson.dumps(headers).decode(),
     )
     return event_id
+
+
+def traced(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """``headers`` with the current span's ``traceparent`` (when in a trace and not given)."""
+    stored = dict(headers or {})
+    if TRACEPARENT not in stored and (traceparent := current_traceparent()) is not None:
+        stored[TRACEPARENT] = traceparent
+    return stored
 
 
 _ADD = (
@@ -157,22 +170,27 @@ def event_ctes(
     *,
     after: str,
     first: int,
+    notify: bool = True,
 ) -> tuple[str, list[Any]]:
     """:func:`add_event` as CTEs of the caller's statement: ``event`` (the row) and ``woken``
-    (its NOTIFY), written when the CTE named ``after`` returned a row; parameters numbered
-    from ``first``. Select from ``woken`` (e.g. ``(SELECT count(*) FROM woken)``): Postgres
-    runs a plain SELECT CTE only when it is used."""
+    (its NOTIFY, or nothing when ``notify`` is False: the relay here leads and the writer rings
+    ``Database.bell`` after its commit), written when the CTE named ``after`` returned a row;
+    parameters numbered from ``first``. Select from ``woken`` (e.g. ``(SELECT count(*) FROM
+    woken)``): Postgres runs a plain SELECT CTE only when it is used."""
     check_word(event_type, what="event type")
     n = first
+    # The payload is the row id, as add_event sends it (the relay tells its own claims).
+    wake = f"pg_notify('{NOTIFY_CHANNEL}', id::text)" if notify else "id"
     sql = (
         "event AS (INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,"
-        f" payload) SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}::jsonb FROM {after}"
-        " LIMIT 1 RETURNING id),"
-        # The payload is the row id, as add_event sends it (the relay tells its own claims).
-        f" woken AS (SELECT pg_notify('{NOTIFY_CHANNEL}', id::text) FROM event)"
+        # headers: the current traceparent (the CloudEvents tracing extension), as add_event.
+        f" payload, headers) SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}::jsonb,"
+        f" ${n + 5}::jsonb FROM {after}"
+        f" LIMIT 1 RETURNING id), woken AS (SELECT {wake} FROM event)"
     )
     body = orjson.dumps(payload, default=str).decode()
-    return sql, [event_id, aggregate_type, aggregate_id, event_type, body]
+    headers = orjson.dumps(traced(None)).decode()
+    return sql, [event_id, aggregate_type, aggregate_id, event_type, body, headers]
 
 
 def _check_headers(headers: Mapping[str, str]) -> None:
@@ -269,14 +287,39 @@ def _outgoing(row: asyncpg.Record) -> OutgoingEvent:
     )
 
 
-async def mark_published(conn: DbConn, row_ids: Sequence[int]) -> None:
-    """Record the broker's confirms (only for rows it confirmed)."""
-    if row_ids:
-        await conn.execute(
-            "UPDATE outbox SET published_at = now(), attempts = attempts + 1,"
-            " next_attempt_at = NULL WHERE id = ANY($1::bigint[])",
-            list(row_ids),
-        )
+_MARK = (
+    "UPDATE outbox SET published_at = now(), attempts = attempts + 1,"
+    " next_attempt_at = NULL WHERE id = ANY($1::bigint[])"
+)
+# The fence and the marks in one statement (one round trip less per batch): the token is
+# recorded if no newer one was, and the rows are marked only if it was. A data-modifying CTE
+# always runs; ``marked`` sees ``fenced``'s RETURNING rows.
+_FENCE_AND_MARK = f"""
+WITH fenced AS (
+    INSERT INTO fencing_tokens AS f (resource, token) VALUES ($2, $3)
+    ON CONFLICT (resource) DO UPDATE SET token = EXCLUDED.token, updated_at = now()
+        WHERE f.token <= EXCLUDED.token
+    RETURNING token
+), marked AS ({_MARK} AND EXISTS (SELECT FROM fenced) RETURNING 1)
+SELECT EXISTS (SELECT FROM fenced) AS accepted, (SELECT count(*) FROM marked) AS marked
+"""
+
+
+async def mark_published(
+    conn: DbConn, row_ids: Sequence[int], *, fence: tuple[str, int] | None = None
+) -> bool:
+    """Record the broker's confirms (only for rows it confirmed).
+
+    With ``fence`` (resource, token), the token is checked in the same statement, like
+    :func:`~ordermesh_shared.coordination.fence`: False, and nothing marked, when a newer
+    token has been seen (the caller must roll back: it is a stale leader)."""
+    if fence is None:
+        if row_ids:
+            await conn.execute(_MARK, list(row_ids))
+        return True
+    row = await conn.fetchrow(_FENCE_AND_MARK, list(row_ids), *fence)
+    assert row is not None
+    return bool(row["accepted"])
 
 
 RECORD_FAILURES_SQL = """

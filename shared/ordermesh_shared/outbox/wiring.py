@@ -28,8 +28,8 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from ordermesh_shared.config import ServiceSettings
-from ordermesh_shared.coordination import Election, StaleToken, fence
-from ordermesh_shared.database import Database, DbConn
+from ordermesh_shared.coordination import Election
+from ordermesh_shared.database import Database
 from ordermesh_shared.discovery import ServiceInstance
 from ordermesh_shared.etcd_client import EtcdClient
 from ordermesh_shared.health import Health
@@ -37,7 +37,7 @@ from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.outbox.admin import RelayView, fence_admin_router, outbox_admin_router
 from ordermesh_shared.outbox.metrics import OutboxMetrics, OutboxMonitor
 from ordermesh_shared.outbox.rebase import RelayFence
-from ordermesh_shared.outbox.relay import Fence, FencedOut, OutboxRelay, SoleLeader, no_fence
+from ordermesh_shared.outbox.relay import Fence, OutboxRelay, SoleLeader, no_fence
 from ordermesh_shared.tasks import BackgroundTasks
 
 log = structlog.get_logger(__name__)
@@ -75,15 +75,7 @@ def relay_site(service: str, etcd_url: str) -> RelayFence:
 
 def relay_fence(service: str) -> Fence:
     """Fence marks with the election token; a stale leader gets :class:`FencedOut`."""
-    resource = fence_resource(service)
-
-    async def check(conn: DbConn, token: int) -> None:
-        try:
-            await fence(conn, resource=resource, token=token)
-        except StaleToken as exc:
-            raise FencedOut(str(exc), token=exc.token, current=exc.current) from exc
-
-    return check
+    return Fence(fence_resource(service))
 
 
 async def run_elected(relay: OutboxRelay, *, etcd_url: str, instance_id: str) -> None:
