@@ -33,15 +33,19 @@ from ordermesh_shared.health import Health, health_router
 from ordermesh_shared.inputs import BodyLimitMiddleware, refuse_unstorable_input
 from ordermesh_shared.logging import configure_logging
 from ordermesh_shared.messaging.broker import Broker
+from ordermesh_shared.messaging.monitor import QueueMonitor
 from ordermesh_shared.metrics import Metrics, RequestMetricsMiddleware
 from ordermesh_shared.outbox.wiring import OutboxSite, install_outbox, outbox_routers
 from ordermesh_shared.resilience import (
+    ClientPolicy,
     DeadlineMiddleware,
     ServiceClient,
     install_upstream_error_handlers,
 )
+from ordermesh_shared.resilience.transport import AiohttpEngine
 from ordermesh_shared.retention import Pruner, retention_rules
 from ordermesh_shared.tasks import BackgroundTasks
+from ordermesh_shared.tracing import Tracing, tracing_from_settings
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +90,9 @@ class ServiceSpec:
     extra_migrations: Sequence[MigrationSet] = ()
     # Admin-protected fault injection (/admin/faults): every participant can be made flaky.
     fault_injection: bool = True
+    # The queues this service's consumers read: their depth is exported (with the
+    # dead-letter queue's) as messaging_queue_messages.
+    consumer_queues: Sequence[str] = ()
 
 
 async def get_context(request: Request) -> ServiceContext:
@@ -117,14 +124,20 @@ def create_service_app(
     settings: ServiceSettings,
     *,
     registry_factory: Callable[[ServiceSettings], Registry] = make_registry,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
-    """Build the app; nothing is opened until the lifespan starts."""
+    """Build the app; nothing is opened until the lifespan starts.
+
+    ``tracing``: where spans go (tests pass one with an in-memory exporter); by default as
+    the settings' ``OTEL_*`` say, and nothing is instrumented when they name no exporter.
+    """
     metrics = Metrics(service=spec.name)
+    tracing = tracing or tracing_from_settings(settings, service=spec.name)
     app = FastAPI(
         title=spec.title,
         description=spec.description,
         version=spec.version,
-        lifespan=_lifespan(spec, settings, metrics, registry_factory),
+        lifespan=_lifespan(spec, settings, metrics, registry_factory, tracing),
         # 431 for a long header, 422 for text Postgres cannot store, on every route.
         dependencies=[Depends(refuse_unstorable_input)],
         responses=SHARED_RESPONSES,
@@ -146,6 +159,8 @@ def create_service_app(
     # what they use is opened by the lifespan and read from app.state.
     for router in [health_router(), *outbox_routers(), *spec.routers]:
         app.include_router(router)
+    if tracing is not None:  # outermost: the server span covers every middleware
+        tracing.instrument_app(app)
     return app
 
 
@@ -154,12 +169,15 @@ def _lifespan(
     settings: ServiceSettings,
     metrics: Metrics,
     registry_factory: Callable[[ServiceSettings], Registry],
+    tracing: Tracing | None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            if tracing is not None:  # entered first, so it flushes after everything stopped
+                await stack.enter_async_context(tracing)
             ctx = await _open_context(
-                stack, spec, settings, metrics, registry_factory, app.state.service_tokens
+                stack, spec, settings, metrics, registry_factory, app.state.service_tokens, tracing
             )
             app.state.ctx = ctx
             ctx.tasks.start(
@@ -178,6 +196,7 @@ def _lifespan(
                     ctx.metrics.registry,
                 )
             )
+            _monitor_queues(ctx, spec)
             if spec.setup is not None:
                 ctx.service_state = await stack.enter_async_context(spec.setup(ctx))
             ctx.tasks.supervise(lambda: keep_registered(ctx), name="presence")
@@ -204,6 +223,7 @@ async def _open_context(
     metrics: Metrics,
     registry_factory: Callable[[ServiceSettings], Registry],
     tokens: ServiceTokens,
+    tracing: Tracing | None,
 ) -> ServiceContext:
     # Exit order is the reverse: background tasks (and with them the registration) go first.
     db = await stack.enter_async_context(
@@ -217,7 +237,7 @@ async def _open_context(
     # Reported, but no reason to stop serving: HTTP work goes on, the outbox holds the events.
     health.add_check("rabbitmq", broker.ping, critical=False)
     clients = await stack.enter_async_context(
-        ServiceClient(registry, metrics=metrics.registry, tokens=tokens)
+        ServiceClient(registry, metrics=metrics.registry, tokens=tokens, engine=_engine(tracing))
     )
     tasks = await stack.enter_async_context(BackgroundTasks(grace=settings.loop_grace))
     # Every supervised loop in the details; one down past its grace makes the instance unready.
@@ -231,6 +251,22 @@ async def _open_context(
         meta={"version": spec.version},
     )
     return ServiceContext(settings, instance, metrics, health, db, broker, registry, tasks, clients)
+
+
+def _engine(tracing: Tracing | None) -> AiohttpEngine | None:
+    """The ServiceClient's engine: its default, with client spans when tracing is on."""
+    if tracing is None:
+        return None
+    return AiohttpEngine(
+        pool_size=ClientPolicy().pool_size, trace_configs=tracing.client_trace_configs()
+    )
+
+
+def _monitor_queues(ctx: ServiceContext, spec: ServiceSpec) -> None:
+    """Consumer lag and dead letters as gauges, for a service that consumes."""
+    if spec.consumer_queues:
+        monitor = QueueMonitor(ctx.broker, spec.consumer_queues, registry=ctx.metrics.registry)
+        ctx.tasks.supervise(monitor.run, name="queue-monitor")
 
 
 async def keep_registered(ctx: ServiceContext, *, interval: float = PRESENCE_INTERVAL) -> None:

@@ -102,6 +102,25 @@ class ServiceSettings(BaseSettings):
             " restarting before readiness fails."
         ),
     )
+    # Tracing (ordermesh_shared.tracing): the standard OpenTelemetry variables, off unless
+    # an exporter is named.
+    otel_exporter_otlp_endpoint: str = Field(
+        "",
+        description=(
+            "OTLP/HTTP collector base URL (e.g. http://jaeger:4318); traces go to"
+            " <url>/v1/traces. Unset (and no other OTEL_* exporter setting): tracing off."
+        ),
+    )
+    otel_exporter_otlp_traces_endpoint: str = Field(
+        "", description="Full OTLP/HTTP traces URL; wins over OTEL_EXPORTER_OTLP_ENDPOINT."
+    )
+    otel_traces_exporter: Literal["", "otlp", "console", "none"] = Field(
+        "",
+        description=(
+            "Trace exporter: otlp (default when an endpoint is set), console (spans on"
+            " stdout), none (off whatever else is set)."
+        ),
+    )
     # No defaults for secrets: a deployment generates its own (make dev / make up do).
     service_token_secret: SecretStr = Field(
         min_length=MIN_SECRET_LENGTH,

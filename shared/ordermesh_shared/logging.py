@@ -1,4 +1,5 @@
-"""JSON logs through structlog, every line stamped with the service and instance id.
+"""JSON logs through structlog, every line stamped with the service and instance id, and
+with ``trace_id`` and ``span_id`` when written inside a span (tracing on).
 
 >>> configure_logging(service="order", instance_id="order-127.0.0.1-8000", level="INFO")
 >>> structlog.get_logger(__name__).info("order.created", order_id=str(order_id))
@@ -10,6 +11,7 @@ import logging
 import sys
 
 import structlog
+from opentelemetry import trace
 
 
 def configure_logging(*, service: str, instance_id: str, level: str = "INFO") -> None:
@@ -20,6 +22,7 @@ def configure_logging(*, service: str, instance_id: str, level: str = "INFO") ->
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _stamp(service=service, instance_id=instance_id),
+        add_trace_ids,
     ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -55,3 +58,15 @@ def _stamp(*, service: str, instance_id: str) -> structlog.types.Processor:
         return event
 
     return add_identity
+
+
+def add_trace_ids(
+    _logger: object, _name: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """``trace_id`` and ``span_id`` of the current span, as a trace backend shows them (hex),
+    so a log line leads to its trace and back; nothing outside a sampled span."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event

@@ -10,8 +10,9 @@ RabbitMQ tools show: ``message_id`` (= the CloudEvents id = the outbox event id)
 Attributes we use: ``source`` = ``/ordermesh/<service>``, ``type`` =
 ``ordermesh.<service>.<event_type>``, ``subject`` = ``<aggregate_type>/<aggregate_id>``, and
 the extensions ``aggregatetype``, ``aggregateid`` and ``sequence`` (the outbox row id: per
-producer and aggregate it grows in commit order), plus any from the outbox row's headers
-(e.g. ``traceparent``).
+producer and aggregate it grows in commit order), plus any from the outbox row's headers:
+``traceparent`` among them, the CloudEvents distributed-tracing extension (the W3C trace
+context of the transaction that wrote the event; :attr:`Event.traceparent` on receipt).
 
 >>> message = encode_event(outgoing, service="order")     # an aio_pika.Message
 >>> event = decode_event(incoming)                        # an Event, or BadEnvelope
@@ -98,6 +99,12 @@ class Event:
     @property
     def routing_key(self) -> str:
         return f"{self.service}.{self.event_type}"
+
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C trace context the event was written in (the CloudEvents distributed-tracing
+        extension), for the consumer to continue; None when it was written outside a trace."""
+        return self.extensions.get("traceparent")
 
 
 def ce_type(service: str, event_type: str) -> str:

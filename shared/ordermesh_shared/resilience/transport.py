@@ -15,7 +15,7 @@ request is safe to resend when it is not idempotent) and whether time ran out.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -93,8 +93,13 @@ class AiohttpEngine:
     the call. aiohttp rounds timeouts above 5 s up to a whole second of the loop clock.
     """
 
-    def __init__(self, *, pool_size: int = 100) -> None:
+    def __init__(
+        self, *, pool_size: int = 100, trace_configs: Sequence[aiohttp.TraceConfig] = ()
+    ) -> None:
+        """``trace_configs``: aiohttp request hooks, e.g. the OpenTelemetry client spans of
+        :meth:`ordermesh_shared.tracing.Tracing.client_trace_configs` (none: tracing off)."""
         self._pool_size = pool_size
+        self._trace_configs = list(trace_configs)
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout()
 
@@ -102,6 +107,7 @@ class AiohttpEngine:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._pool_size),
             raise_for_status=False,
+            trace_configs=self._trace_configs or None,
         )
         return self
 

@@ -11,6 +11,11 @@ until they succeed or, past a limit, the saga is parked as ``compensation_failed
 reason (visible, and resumable with :meth:`SagaEngine.reopen`). A recovery loop takes over
 sagas whose owner died and re-sends the in-doubt step with the same idempotency key.
 
+Traced (when tracing is on): a span per saga run and per step (``forward reserve_stock``,
+``compensate reserve_stock``), failed attempts as the step span's events, its outcome as its
+status. The trace context the saga started in is stored with it, so a run resumed elsewhere
+continues that trace (linked to whatever resumed it).
+
 >>> async with SagaEngine(db.pool, owner=instance_id, definitions=[PLACE_ORDER]) as engine:
 ...     async with pool.acquire() as conn, conn.transaction():
 ...         await engine.create(conn, PLACE_ORDER, saga_id, order_input)   # with the order row
@@ -31,6 +36,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry
 
 from ordermesh_shared.database import Database, DbConn
@@ -55,6 +61,13 @@ from ordermesh_shared.saga.store import (
     insert_saga_cte,
 )
 from ordermesh_shared.tasks import BackgroundTasks
+from ordermesh_shared.tracing import (
+    attempt_failed,
+    current_traceparent,
+    saga_span,
+    step_outcome,
+    step_span,
+)
 from ordermesh_shared.transient import is_transient
 
 log = structlog.get_logger(__name__)
@@ -199,19 +212,25 @@ class SagaEngine:
         # The saga's own task (and its compensation's, a copy): every line logged while it
         # runs names it, the step clients' included.
         structlog.contextvars.bind_contextvars(saga_id=str(saga_id))
+        launched_in = current_traceparent()  # the request that created it, if any
         try:
             saga = created or await self._store.load(saga_id)
             if saga is None or saga.status in TERMINAL:
                 return
-            definition = self._definitions[saga.name]
-            if saga.status == "running":
-                # A saga just created has no step log yet: nothing to read back.
-                statuses = {} if created else await self._statuses(saga_id)
-                saga = await self._forward(definition, saga, statuses)
-            if saga.status == "compensating":
-                await self._shielded_compensation(definition, saga)
+            with saga_span(saga.name, saga_id, stored=saga.traceparent, resumed=not created):
+                origin = saga.traceparent or launched_in or current_traceparent()
+                await self._run_phases(replace(saga, traceparent=origin), fresh=bool(created))
         except LostOwnership:
             log.warning("saga.taken_over", saga_id=str(saga_id))
+
+    async def _run_phases(self, saga: SagaRow, *, fresh: bool) -> None:
+        definition = self._definitions[saga.name]
+        if saga.status == "running":
+            # A saga just created has no step log yet: nothing to read back.
+            statuses = {} if fresh else await self._statuses(saga.id)
+            saga = await self._forward(definition, saga, statuses)
+        if saga.status == "compensating":
+            await self._shielded_compensation(definition, saga)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -231,26 +250,29 @@ class SagaEngine:
                 continue
             if position == 0 and not statuses:  # its first step, the first time: it starts
                 self.metrics.started.labels(definition.name).inc()
-            await self._store.step_started(
-                saga.id,
-                self.owner,
-                step=step.name,
-                direction="forward",
-                position=position,
-                done=done,
-            )
-            call = StepCall(saga.id, step.name, f"{saga.id}:{step.name}", value, results)
-            timer = _StepTimer(self.metrics, definition.name, step.name, "forward")
-            try:
-                if definition.is_retried_forward(position):
-                    result = await self._until_it_succeeds(definition.name, call, step)
-                else:
-                    result = await self._attempts(definition.name, call, step, deadline)
-            except (StepFailed, GaveUp) as failure:
-                timer.done("rejected" if isinstance(failure, StepFailed) else "failed")
-                await self._stop_forward(saga.id, step.name, failure)
-                return replace(saga, status="compensating")
-            timer.done("succeeded")
+            with step_span(definition.name, step.name, "forward") as span:
+                await self._store.step_started(
+                    saga.id,
+                    self.owner,
+                    step=step.name,
+                    direction="forward",
+                    position=position,
+                    done=done,
+                    traceparent=saga.traceparent,
+                )
+                call = StepCall(saga.id, step.name, f"{saga.id}:{step.name}", value, results)
+                timer = _StepTimer(self.metrics, definition.name, step.name, "forward", span)
+                try:
+                    if definition.is_retried_forward(position):
+                        result = await self._until_it_succeeds(definition.name, call, step)
+                    else:
+                        result = await self._attempts(definition.name, call, step, deadline)
+                except (StepFailed, GaveUp) as failure:
+                    outcome = "rejected" if isinstance(failure, StepFailed) else "failed"
+                    timer.done(outcome, str(failure))
+                    await self._stop_forward(saga.id, step.name, failure)
+                    return replace(saga, status="compensating")
+                timer.done("succeeded")
             stored = definition.encode_result(step, result)
             if stored:
                 results = results.added(step.name, result)
@@ -282,14 +304,15 @@ class SagaEngine:
                     async with asyncio.timeout(step.timeout):
                         result = await step.action(call)
             except StepFailed as failure:
-                await self._attempt(saga, call.saga_id, step.name, "forward", str(failure))
+                await self._attempt(saga, call.saga_id, step.name, "forward", str(failure), attempt)
                 raise
             except Exception as exc:
                 error = _describe(exc)
-                await self._attempt(saga, call.saga_id, step.name, "forward", error)
+                await self._attempt(saga, call.saga_id, step.name, "forward", error, attempt)
                 pause = random.uniform(0, min(self.policy.retry_backoff_max, 0.05 * 2**attempt))
                 if time.monotonic() + pause >= deadline:
                     raise GaveUp(error) from exc
+                self._retrying(saga, step.name, "forward")
                 await asyncio.sleep(pause)
                 continue
             return result
@@ -311,7 +334,8 @@ class SagaEngine:
                             return await step.action(call)
                 except Exception as exc:
                     error = _describe(exc)
-                    await self._attempt(saga, call.saga_id, step.name, "forward", error)
+                    await self._attempt(saga, call.saga_id, step.name, "forward", error, attempt)
+                    self._retrying(saga, step.name, "forward")  # whatever it was: again
                     if attempt % self.policy.alert_after_attempts == 0:
                         stuck.inc(0 if alerted else 1)
                         alerted = True
@@ -350,7 +374,9 @@ class SagaEngine:
             step = registered[position]
             if not _needs_undo(step, statuses):
                 continue
-            if not await self._undo_step(definition.name, saga.id, step, position, value, results):
+            undo = _Undo(definition.name, saga.id, step, position, saga.traceparent)
+            refusal = await self._undo_step(undo, value, results)
+            if refusal is not None:
                 reason = f"compensation of {step.name} kept failing; retry via the operator API"
                 await self._finish(
                     definition,
@@ -361,6 +387,7 @@ class SagaEngine:
                     first_reason=current.failure_reason,
                 )
                 self._count_end(definition, "compensation_failed", statuses)
+                self.metrics.count_parked(definition.name, step.name, refusal)
                 return
         await self._finish(
             definition, saga.id, "cancelled", None, results, first_reason=current.failure_reason
@@ -377,43 +404,55 @@ class SagaEngine:
         )
         self.metrics.finished.labels(definition.name, status, decided_by).inc()
 
-    async def _undo_step(
-        self,
-        saga: str,
-        saga_id: uuid.UUID,
-        step: Step[Any],
-        position: int,
-        value: Any,
-        results: StepResults,
-    ) -> bool:
+    async def _undo_step(self, undo: _Undo, value: Any, results: StepResults) -> str | None:
+        """Run one compensation until it goes through (None), or until it was refused too
+        often: then the refusal's reason code, and the saga is to be parked."""
+        with step_span(undo.saga, undo.step.name, "compensate") as span:
+            await self._store.step_started(
+                undo.saga_id,
+                self.owner,
+                step=undo.step.name,
+                direction="compensate",
+                position=undo.position,
+                traceparent=undo.traceparent,
+            )
+            timer = _StepTimer(self.metrics, undo.saga, undo.step.name, "compensate", span)
+            refusal = await self._undo_attempts(undo, value, results)
+            if refusal is None:
+                await self._succeeded(undo.saga_id, undo.step.name, "compensate", {})
+                timer.done("succeeded")
+                return None
+            await self._end_step(undo.saga_id, undo.step.name, "compensate", "failed")
+            timer.done("failed", f"refused {self.policy.compensation_attempts} times: {refusal}")
+            return refusal.reason
+
+    async def _undo_attempts(
+        self, undo: _Undo, value: Any, results: StepResults
+    ) -> StepFailed | None:
+        """None once the undo went through; else the last of too many refusals."""
+        step, saga_id = undo.step, undo.saga_id
         assert step.compensation is not None
-        await self._store.step_started(
-            saga_id, self.owner, step=step.name, direction="compensate", position=position
-        )
         call = StepCall(saga_id, step.name, f"{saga_id}:{step.name}:undo", value, results)
         # A fault (participant down, timeout, open breaker) is retried until the undo goes
         # through: parking on one would leave stock held or money kept for an outage that
         # heals. Only a participant's refusal, repeated, parks the saga for an operator.
-        timer = _StepTimer(self.metrics, saga, step.name, "compensate")
         attempt = refusals = 0
-        while refusals < self.policy.compensation_attempts:
+        while True:
             attempt += 1
             try:  # a fresh budget per attempt, whatever time the forward path used up
                 with own_deadline(step.timeout):
                     async with asyncio.timeout(step.timeout):
                         await step.compensation(call)
+                return None
             except Exception as exc:
-                await self._attempt(saga, saga_id, step.name, "compensate", _describe(exc))
+                error = _describe(exc)
+                await self._attempt(undo.saga, saga_id, step.name, "compensate", error, attempt)
                 refusals += isinstance(exc, StepFailed)
-                cap = self.policy.compensation_backoff_max
-                await asyncio.sleep(random.uniform(0, min(cap, 0.1 * 2 ** min(attempt, 10))))
-                continue
-            await self._succeeded(saga_id, step.name, "compensate", {})
-            timer.done("succeeded")
-            return True
-        await self._end_step(saga_id, step.name, "compensate", "failed")
-        timer.done("failed")
-        return False
+                if isinstance(exc, StepFailed) and refusals >= self.policy.compensation_attempts:
+                    return exc
+            self._retrying(undo.saga, step.name, "compensate")
+            cap = self.policy.compensation_backoff_max
+            await asyncio.sleep(random.uniform(0, min(cap, 0.1 * 2 ** min(attempt, 10))))
 
     # -- persistence helpers ---------------------------------------------------------------
 
@@ -442,13 +481,18 @@ class SagaEngine:
         await self._store.set_status(saga_id, self.owner, status, reason)
 
     async def _attempt(
-        self, saga: str, saga_id: uuid.UUID, step: str, direction: str, error: str
+        self, saga: str, saga_id: uuid.UUID, step: str, direction: str, error: str, attempt: int
     ) -> None:
-        """A failed attempt: counted, and written to the step log."""
+        """A failed attempt: counted, an event of the step's span, written to the step log."""
         self.metrics.failed_attempts.labels(saga, step, direction).inc()
+        attempt_failed(attempt, error)
         await self._store.attempt_made(
             saga_id, self.owner, step=step, direction=direction, error=error
         )
+
+    def _retrying(self, saga: str, step: str, direction: str) -> None:
+        """Another attempt of the step follows a failed one."""
+        self.metrics.retries.labels(saga, step, direction).inc()
 
     async def _succeeded(
         self, saga_id: uuid.UUID, step: str, direction: str, data: dict[str, Any]
@@ -493,6 +537,7 @@ class SagaEngine:
         ]
         for saga_id in claimed:
             log.info("saga.recovered", saga_id=str(saga_id))
+            self.metrics.recovered.inc()
             self.launch(saga_id)
         for saga_id in stranded:
             log.info("saga.resumed", saga_id=str(saga_id))
@@ -503,16 +548,31 @@ _STOPPED = ("rejected", "failed")
 
 
 class _StepTimer:
-    """Times one step from its first attempt to its end."""
+    """Times one step from its first attempt to its end, and gives its span the outcome."""
 
-    def __init__(self, metrics: SagaMetrics, saga: str, step: str, direction: str) -> None:
+    def __init__(
+        self, metrics: SagaMetrics, saga: str, step: str, direction: str, span: Span
+    ) -> None:
         self._histogram = metrics.step_seconds
         self._labels = (saga, step, direction)
+        self._span = span
         self._started = time.monotonic()
 
-    def done(self, outcome: str) -> None:
+    def done(self, outcome: str, error: str | None = None) -> None:
         elapsed = time.monotonic() - self._started
         self._histogram.labels(*self._labels, outcome).observe(elapsed)
+        step_outcome(self._span, outcome, error)
+
+
+@dataclass(frozen=True, slots=True)
+class _Undo:
+    """One compensation to run: which saga, which step, and the saga's trace."""
+
+    saga: str
+    saga_id: uuid.UUID
+    step: Step[Any]
+    position: int
+    traceparent: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ class StoredSaga:
     data: dict[str, Any] = field(default_factory=dict)
     started_steps: int = 0
     failure_reason: str | None = None
+    traceparent: str | None = None
 
 
 @dataclass
@@ -92,6 +93,7 @@ class InMemorySagaStore:
             copy.deepcopy(saga.data),
             saga.started_steps,
             saga.failure_reason,
+            traceparent=saga.traceparent,
         )
 
     async def statuses(self, saga_id: uuid.UUID) -> dict[tuple[str, str], str]:
@@ -106,8 +108,10 @@ class InMemorySagaStore:
         direction: str,
         position: int,
         done: StepDone | None = None,
+        traceparent: str | None = None,
     ) -> None:
         saga = self._owned(saga_id, owner)
+        saga.traceparent = saga.traceparent or traceparent
         if done is not None:
             saga.data.update(_as_stored(done.data))
             finished = self.steps.get((saga_id, done.step, "forward"))

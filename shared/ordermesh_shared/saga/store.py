@@ -39,6 +39,9 @@ class SagaRow:
     started_steps: int
     failure_reason: str | None
     value: Any = None  # the typed input, when this process has it (no need to decode)
+    # The trace context the saga was started in (None: started outside a trace, or not yet
+    # stored: it is written with the first step).
+    traceparent: str | None = None
 
 
 def _row(record: asyncpg.Record) -> SagaRow:
@@ -50,6 +53,7 @@ def _row(record: asyncpg.Record) -> SagaRow:
         data=json.loads(record["data"]),
         started_steps=record["started_steps"],
         failure_reason=record["failure_reason"],
+        traceparent=record["traceparent"],
     )
 
 
@@ -104,7 +108,7 @@ def insert_saga_cte(
 async def load_saga(conn: DbConn, saga_id: uuid.UUID) -> SagaRow | None:
     """A saga, or None."""
     record = await conn.fetchrow(
-        "SELECT id, name, status, input, data, started_steps, failure_reason"
+        "SELECT id, name, status, input, data, started_steps, failure_reason, traceparent"
         " FROM sagas WHERE id = $1",
         saga_id,
     )
@@ -112,13 +116,21 @@ async def load_saga(conn: DbConn, saga_id: uuid.UUID) -> SagaRow | None:
 
 
 async def step_started(
-    conn: DbConn, saga_id: uuid.UUID, owner: str, *, step: str, direction: str, position: int
+    conn: DbConn,
+    saga_id: uuid.UUID,
+    owner: str,
+    *,
+    step: str,
+    direction: str,
+    position: int,
+    traceparent: str | None = None,
 ) -> None:
     """Persist "about to run" in one statement (for a forward step: its compensation is now
-    registered, as ``started_steps`` covers it)."""
+    registered, as ``started_steps`` covers it); ``traceparent`` is kept if none was."""
     registered = position + 1 if direction == "forward" else 0
     done = await conn.fetchval(
         "WITH owned AS (UPDATE sagas SET started_steps = GREATEST(started_steps, $3),"
+        "   traceparent = COALESCE(traceparent, $7),"
         "   updated_at = now() WHERE id = $1 AND owner = $2 RETURNING id)"
         " INSERT INTO saga_steps (saga_id, step, direction, position, status)"
         " SELECT id, $4, $5, $6, 'started' FROM owned"
@@ -130,6 +142,7 @@ async def step_started(
         step,
         direction,
         position,
+        traceparent,
     )
     if done is None:
         raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
@@ -181,13 +194,15 @@ async def step_advanced(
     data: Mapping[str, Any],
     step: str,
     position: int,
+    traceparent: str | None = None,
 ) -> None:
     """Forward step ``done`` succeeded (with ``data``) and ``step`` is about to run: the
     end of one step and the start of the next in one statement (one round trip, all or
     nothing)."""
     ok = await conn.fetchval(
         "WITH owned AS (UPDATE sagas SET data = data || $3::jsonb,"
-        "   started_steps = GREATEST(started_steps, $6 + 1), updated_at = now()"
+        "   started_steps = GREATEST(started_steps, $6 + 1),"
+        "   traceparent = COALESCE(traceparent, $7), updated_at = now()"
         "   WHERE id = $1 AND owner = $2 RETURNING id),"
         f" done AS ({_FORWARD_STEP_DONE})"
         " INSERT INTO saga_steps (saga_id, step, direction, position, status)"
@@ -200,6 +215,7 @@ async def step_advanced(
         done,
         step,
         position,
+        traceparent,
     )
     if ok is None:
         raise LostOwnership(f"saga {saga_id} is no longer owned by {owner}")
@@ -417,8 +433,10 @@ class SagaStore(Protocol):
         direction: str,
         position: int,
         done: StepDone | None = None,
+        traceparent: str | None = None,
     ) -> None:
-        """``step`` is about to run (with ``done``: the step before it succeeded)."""
+        """``step`` is about to run (with ``done``: the step before it succeeded); the saga
+        keeps ``traceparent`` unless it has one."""
 
     async def step_succeeded(
         self,
@@ -510,11 +528,18 @@ class PostgresSagaStore:
         direction: str,
         position: int,
         done: StepDone | None = None,
+        traceparent: str | None = None,
     ) -> None:
         async with self._pool().acquire() as conn:
             if done is None:
                 await step_started(
-                    conn, saga_id, owner, step=step, direction=direction, position=position
+                    conn,
+                    saga_id,
+                    owner,
+                    step=step,
+                    direction=direction,
+                    position=position,
+                    traceparent=traceparent,
                 )
             else:  # one round trip for the end of one step and the start of the next
                 await step_advanced(
@@ -525,6 +550,7 @@ class PostgresSagaStore:
                     data=done.data,
                     step=step,
                     position=position,
+                    traceparent=traceparent,
                 )
 
     async def step_succeeded(
