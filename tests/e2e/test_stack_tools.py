@@ -100,12 +100,6 @@ def test_killing_a_service_by_name_kills_one_of_its_instances(tools_stack: Runni
     assert {n: after[n] for n in survivors} == {n: before[n] for n in survivors}
 
 
-def test_a_partition_needs_compose_and_says_so(tools_stack: RunningStack) -> None:
-    result = tool(tools_stack, "ordermesh_deploy.chaos", "partition", "inventory-1")
-    assert result.returncode == 1
-    assert "partition needs the compose stack" in result.stderr
-
-
 def test_reset_brings_back_the_demo_data_the_readme_examples_need(
     tools_stack: RunningStack,
 ) -> None:
