@@ -83,7 +83,9 @@ class AiohttpEtcdHttp:
         self.url = url
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+        self._timeout_of_limit = aiohttp.ClientTimeout(
+            total=connect_timeout, connect=connect_timeout
+        )
 
     async def __aenter__(self) -> AiohttpEtcdHttp:
         # Created here, not in __init__: an aiohttp session belongs to a running loop.
@@ -138,12 +140,13 @@ class AiohttpEtcdHttp:
 
     def _timeout(self, limit: float | None) -> aiohttp.ClientTimeout:
         # Connecting (a pool slot included) is always bounded, so an absent etcd fails fast
-        # even for a call that may wait forever for an answer.
-        found = self._timeouts.get(limit)
-        if found is None:
-            found = aiohttp.ClientTimeout(total=limit, connect=self._connect_timeout)
-            self._timeouts[limit] = found
-        return found
+        # even for a call that may wait forever for an answer. Most calls use the client's
+        # default limit: the last object is reused.
+        if self._timeout_of_limit.total != limit:
+            self._timeout_of_limit = aiohttp.ClientTimeout(
+                total=limit, connect=self._connect_timeout
+            )
+        return self._timeout_of_limit
 
 
 class HttpxEtcdHttp:
