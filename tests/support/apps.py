@@ -13,6 +13,7 @@ from asgi_lifespan import LifespanManager
 from ordermesh_shared.auth import TOKEN_TTL, ServiceTokens
 from ordermesh_shared.bootstrap import ServiceContext, ServiceSpec, create_service_app
 from ordermesh_shared.config import ServiceSettings
+from ordermesh_shared.tracing import Tracing
 from pydantic import SecretStr
 
 from tests.support.fakes import InMemoryRegistry
@@ -25,11 +26,13 @@ async def running(
     registry: InMemoryRegistry | None = None,
     *,
     caller: str | None = "order",
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan running, and an httpx client wired to it in-process that
-    calls as the service ``caller`` (with its token; None: anonymously)."""
+    calls as the service ``caller`` (with its token; None: anonymously); ``tracing``: where
+    its spans go (by default as its settings say: off)."""
     fake = registry or InMemoryRegistry()
-    app = create_service_app(spec, settings, registry_factory=lambda _s: fake)
+    app = create_service_app(spec, settings, registry_factory=lambda _s: fake, tracing=tracing)
     secret = settings.service_token_secret
     headers = {} if caller is None else bearer(secret, audience=spec.name, caller=caller)
     async with LifespanManager(app, startup_timeout=10, shutdown_timeout=10) as manager:

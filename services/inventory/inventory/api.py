@@ -16,6 +16,7 @@ from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.commands import fingerprint, run_command
 from ordermesh_shared.errors import NotFound
 from ordermesh_shared.idempotency import IdempotencyKey
+from ordermesh_shared.logging import order_bound
 from pydantic import BaseModel, ConfigDict, Field
 
 from inventory import commands, store
@@ -142,7 +143,8 @@ async def reserve(
     body: ReserveRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.ReserveStock(body)
-    return await run_command(ctx.db, key, fingerprint(request, body), command)
+    with order_bound(body.order_id):
+        return await run_command(ctx.db, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -156,7 +158,8 @@ async def release(
     order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.ReleaseStock(order_id)
-    return await run_command(ctx.db, key, fingerprint(request), command)
+    with order_bound(order_id):
+        return await run_command(ctx.db, key, fingerprint(request), command)
 
 
 @router.post(
@@ -170,7 +173,8 @@ async def commit(
     order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.CommitStock(order_id)
-    return await run_command(ctx.db, key, fingerprint(request), command)
+    with order_bound(order_id):
+        return await run_command(ctx.db, key, fingerprint(request), command)
 
 
 @router.get(

@@ -14,6 +14,7 @@ from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.commands import fingerprint, run_command
 from ordermesh_shared.errors import NotFound
 from ordermesh_shared.idempotency import IdempotencyKey
+from ordermesh_shared.logging import order_bound
 
 from payment import commands, store
 from payment.models import ChargeRequest, Customer, Payment
@@ -81,7 +82,8 @@ async def charge(
     body: ChargeRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.ChargeCustomer(body)
-    return await run_command(ctx.db, key, fingerprint(request, body), command)
+    with order_bound(body.order_id):
+        return await run_command(ctx.db, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -95,7 +97,8 @@ async def refund(
     order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.RefundCustomer(order_id)
-    return await run_command(ctx.db, key, fingerprint(request), command)
+    with order_bound(order_id):
+        return await run_command(ctx.db, key, fingerprint(request), command)
 
 
 @router.get(

@@ -12,6 +12,7 @@ from ordermesh_shared.bootstrap import Ctx
 from ordermesh_shared.commands import fingerprint, run_command
 from ordermesh_shared.errors import NotFound
 from ordermesh_shared.idempotency import IdempotencyKey
+from ordermesh_shared.logging import order_bound
 from pydantic import BaseModel, Field
 
 from shipping import commands, store
@@ -54,7 +55,8 @@ async def create(
     body: ShipRequest, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.CreateShipment(body)
-    return await run_command(ctx.db, key, fingerprint(request, body), command)
+    with order_bound(body.order_id):
+        return await run_command(ctx.db, key, fingerprint(request, body), command)
 
 
 @router.post(
@@ -67,7 +69,8 @@ async def cancel(
     order_id: uuid.UUID, ctx: Ctx, key: IdempotencyKey, request: Request
 ) -> JSONResponse:
     command = commands.CancelShipment(order_id)
-    return await run_command(ctx.db, key, fingerprint(request), command)
+    with order_bound(order_id):
+        return await run_command(ctx.db, key, fingerprint(request), command)
 
 
 @router.get(

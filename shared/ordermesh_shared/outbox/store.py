@@ -22,6 +22,7 @@ import orjson
 from ordermesh_shared.database import DbConn
 from ordermesh_shared.messaging.envelope import OutgoingEvent
 from ordermesh_shared.messaging.topology import check_word
+from ordermesh_shared.tracing import TRACEPARENT, current_traceparent
 
 NOTIFY_CHANNEL = "ordermesh_outbox"
 
@@ -118,11 +119,15 @@ async def add_event(
     ``notify=False`` leaves the relay to find the row at its next poll. The NOTIFY costs:
     Postgres commits notifying transactions one at a time, cluster-wide (measured here: 16
     writers commit ~2x slower), so a bulk writer may prefer to skip it.
+
+    Inside a trace, the current ``traceparent`` goes into ``headers`` (unless given there):
+    the relay sends it as the CloudEvents tracing extension and consumers continue the trace.
     """
     if not conn.is_in_transaction():
         raise NotInTransaction("add_event must run inside the business transaction")
     check_word(event_type, what="event type")
     _check_headers(headers or {})
+    headers = traced(headers)
     event_id = uuid.uuid4()
     # One round trip; pg_notify inside the transaction is delivered only if it commits.
     await conn.execute(
@@ -132,9 +137,17 @@ async def add_event(
         aggregate_id,
         event_type,
         orjson.dumps(payload).decode(),
-        orjson.dumps(dict(headers or {})).decode(),
+        orjson.dumps(headers).decode(),
     )
     return event_id
+
+
+def traced(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """``headers`` with the current span's ``traceparent`` (when in a trace and not given)."""
+    stored = dict(headers or {})
+    if TRACEPARENT not in stored and (traceparent := current_traceparent()) is not None:
+        stored[TRACEPARENT] = traceparent
+    return stored
 
 
 _ADD = (
@@ -170,11 +183,14 @@ def event_ctes(
     wake = f"pg_notify('{NOTIFY_CHANNEL}', id::text)" if notify else "id"
     sql = (
         "event AS (INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,"
-        f" payload) SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}::jsonb FROM {after}"
+        # headers: the current traceparent (the CloudEvents tracing extension), as add_event.
+        f" payload, headers) SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}::jsonb,"
+        f" ${n + 5}::jsonb FROM {after}"
         f" LIMIT 1 RETURNING id), woken AS (SELECT {wake} FROM event)"
     )
     body = orjson.dumps(payload, default=str).decode()
-    return sql, [event_id, aggregate_type, aggregate_id, event_type, body]
+    headers = orjson.dumps(traced(None)).decode()
+    return sql, [event_id, aggregate_type, aggregate_id, event_type, body, headers]
 
 
 def _check_headers(headers: Mapping[str, str]) -> None:
