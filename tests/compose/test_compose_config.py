@@ -99,7 +99,7 @@ def test_the_stack_has_the_infrastructure_and_the_four_services(
     profiled = {
         name: service["profiles"] for name, service in services.items() if name not in default
     }
-    assert profiled == dict.fromkeys(OBSERVABILITY_SERVICES, ["observability"])
+    assert profiled == {name: ["observability"] for name in OBSERVABILITY_SERVICES}
 
 
 def test_every_service_has_a_healthcheck(services: dict[str, Service]) -> None:
