@@ -15,12 +15,12 @@ from pydantic import Field
 
 from order.api import router
 from order.app_state import OrderRuntime, SagaAdmission
-from order.catalogue import start_catalogue
+from order.catalogue import CATALOGUE_QUEUE, start_catalogue
 from order.catalogue_api import catalogue_router
 from order.clients import OrderClients
 from order.overview import overview_router
 from order.saga import place_order_saga
-from order.timeline import start_timeline, timeline_router
+from order.timeline import TIMELINE_QUEUE, start_timeline, timeline_router
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -103,6 +103,7 @@ def order_spec(settings: OrderSettings) -> ServiceSpec:
         routers=[router, timeline_router, overview_router, catalogue_router],
         setup=_saga_setup(settings),
         extra_migrations=(SAGA_MIGRATIONS,),
+        consumer_queues=(TIMELINE_QUEUE, CATALOGUE_QUEUE),  # their depth is on /metrics
     )
 
 
