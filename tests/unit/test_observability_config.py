@@ -22,6 +22,7 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 from ordermesh_deploy.local import SERVICES
 from ordermesh_deploy.prometheus_targets import TARGETS_FILE, target_groups, write_targets
 from ordermesh_shared.messaging.consumer import ConsumerMetrics
+from ordermesh_shared.messaging.monitor import QueueMonitor
 from ordermesh_shared.metrics import Metrics
 from ordermesh_shared.outbox.metrics import OutboxMetrics
 from ordermesh_shared.resilience.client_metrics import ClientMetrics
@@ -58,6 +59,7 @@ def exported_series() -> set[str]:
     metrics = Metrics(service="order")
     for family in (SagaMetrics, OutboxMetrics, ClientMetrics, ConsumerMetrics):
         family(metrics.registry)
+    QueueMonitor(None, [], registry=metrics.registry)  # type: ignore[arg-type]  # gauges only
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     return {
         metric.name + suffix
@@ -109,6 +111,8 @@ def test_the_dashboard_has_the_panels_the_issue_asks_for() -> None:
         "client_retry_budget_exhausted_total",  # retry budget
         "outbox_pending_events",  # outbox lag
         "outbox_relay_leader",  # relay leaders
+        "messaging_queue_messages",  # consumer lag
+        "messaging_dead_letter_messages",  # dead letters
     } <= used
 
 
@@ -186,6 +190,24 @@ def promtool(config: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("name", ["prometheus-local.yml", "prometheus-offline.yml"])
 def test_promtool_accepts_the_config(name: str) -> None:
     result = promtool(OBSERVABILITY / name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    # As recording rules, which promtool parses offline; Grafana fills in $__rate_interval.
+    rules = [
+        {"record": f"panel:{n}", "expr": expr.replace("$__rate_interval", "1m")}
+        for n, (_title, expr) in enumerate(dashboard_queries())
+    ]
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": rules}]}))
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(tmp_path / "rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
