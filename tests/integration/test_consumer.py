@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +23,8 @@ from ordermesh_shared.messaging.topology import (
     declare_dead_letters,
     declare_events_exchange,
 )
+
+from tests.support.pg_proxy import CountingPgProxy
 
 pytestmark = pytest.mark.integration
 
@@ -257,3 +259,59 @@ async def test_a_header_that_is_not_utf8_is_dead_lettered_and_later_events_appli
     assert dead.message_id == broken.message_id
     assert await effects(db) == [str(e.id) for e in later]
     assert consumer.counts == {"dead_lettered": 1, "applied": 3}
+
+
+def effects_statement(events: Sequence[Event]) -> tuple[str, Sequence[Any]]:
+    """A batch as one statement: the effects of the events the inbox let through."""
+    return (
+        "INSERT INTO effects (event_id) SELECT i FROM unnest($5::text[]) AS e(i)"
+        " WHERE e.i IN (SELECT message_id FROM fresh)",
+        [[event.id for event in events]],
+    )
+
+
+async def test_a_batch_statement_applies_each_event_once_in_one_round_trip_each(
+    fresh_database: str, broker: Broker, channel: AbstractChannel
+) -> None:
+    proxy = CountingPgProxy(fresh_database)
+    async with proxy, Database(proxy.dsn) as db:
+        await db.migrate(SHARED_MIGRATIONS)
+        async with db.pool.acquire() as conn:
+            await conn.execute("CREATE TABLE effects (n bigserial PRIMARY KEY, event_id text)")
+        events = [outgoing({"n": n}, aggregate=f"t{n % 3}") for n in range(30)]
+        async with consuming(db, broker, batch_statement=effects_statement) as consumer:
+            proxy.reset_counts()
+            for event in [*events, events[0], events[7]]:  # two redelivered
+                await publish(channel, encode_event(event, service="shop"))
+            await eventually(lambda: _counted(consumer, 32))
+        trips = proxy.trips
+        applied = sorted(str(event_id) for event_id in await effects(db))
+    assert applied == sorted(str(e.id) for e in events)
+    assert consumer.counts == {"applied": 30, "duplicate": 2}
+    # One round trip per batch (at most one per message): no BEGIN, no COMMIT, nothing but
+    # preparing the statement on a connection that had not run it yet.
+    warm = [trip for trip in trips if not trip.cache_miss]
+    assert all("fresh" in trip.sql for trip in warm), [t.sql[:60] for t in warm if "fresh" not in t.sql]
+    assert 0 < len(warm) <= 32
+
+
+async def _counted(consumer: EventConsumer, settled: int) -> bool:
+    return sum(consumer.counts.values()) >= settled
+
+
+async def test_acknowledgements_are_gathered_and_none_is_lost(
+    db: Database, broker: Broker, channel: AbstractChannel
+) -> None:
+    # 200 events published at once: acknowledged in far fewer frames than messages, and
+    # after a restart of the consumer nothing comes back (every one was acknowledged).
+    events = [outgoing({"n": n}, aggregate=f"t{n % 16}") for n in range(200)]
+    async with consuming(db, broker) as consumer:
+        await asyncio.gather(*(publish(channel, encode_event(e, service="shop")) for e in events))
+        await eventually(lambda: _counted(consumer, 200))
+        await asyncio.sleep(0.2)  # the last frames leave
+    assert consumer.counts == {"applied": 200}
+    assert consumer.ack_frames <= 100, consumer.ack_frames  # one per message before
+    async with consuming(db, broker) as again:
+        await asyncio.sleep(1.0)  # an unacknowledged message would be redelivered now
+    assert again.counts == {}
+    assert len(await effects(db)) == 200

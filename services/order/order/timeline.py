@@ -68,17 +68,34 @@ async def record_timeline_event(conn: DbConn, event: Event) -> None:
 
 
 async def record_timeline_events(conn: DbConn, events: Sequence[Event]) -> None:
-    """The consumer's batch handler: the batch's timeline rows in one statement."""
+    """A batch's timeline rows in one statement (in a transaction of the caller's)."""
+    sql, args = _timeline_rows(events, first=1, where="true")
+    if args:
+        await conn.execute(sql, *args)
+
+
+def timeline_statement(events: Sequence[Event]) -> tuple[str, Sequence[Any]]:
+    """The consumer's batch statement: the rows of the events the inbox CTE ``fresh`` let
+    through (parameters from $5; see ``Subscription.batch_statement``)."""
+    sql, args = _timeline_rows(events, first=5, where="e.i IN (SELECT message_id FROM fresh)")
+    return (sql, args) if args else ("SELECT 1", ())
+
+
+def _timeline_rows(events: Sequence[Event], *, first: int, where: str) -> tuple[str, list[Any]]:
     rows = [(order_id, event) for event in events if (order_id := _order_of(event)) is not None]
     if not rows:
-        return
-    await conn.execute(
+        return "", []
+    n = [f"${first + i}" for i in range(8)]
+    sql = (
         "INSERT INTO order_timeline (event_id, order_id, service, event_type, aggregate_type,"
         " sequence, occurred_at, data)"
-        " SELECT i, o, s, t, a, q, w, d::jsonb FROM unnest($1::text[], $2::uuid[], $3::text[],"
-        "   $4::text[], $5::text[], $6::bigint[], $7::timestamptz[], $8::text[])"
-        "   AS e(i, o, s, t, a, q, w, d)"
-        " ON CONFLICT (event_id) DO NOTHING",
+        f" SELECT i, o, s, t, a, q, w, d::jsonb FROM unnest({n[0]}::text[], {n[1]}::uuid[],"
+        f"   {n[2]}::text[], {n[3]}::text[], {n[4]}::text[], {n[5]}::bigint[],"
+        f"   {n[6]}::timestamptz[], {n[7]}::text[]) AS e(i, o, s, t, a, q, w, d)"
+        # A row already there (its inbox row pruned, the event redelivered): kept as it is.
+        f" WHERE {where} ON CONFLICT (event_id) DO NOTHING"
+    )
+    return sql, [
         [event.id for _, event in rows],
         [order_id for order_id, _ in rows],
         [event.service for _, event in rows],
@@ -87,7 +104,7 @@ async def record_timeline_events(conn: DbConn, events: Sequence[Event]) -> None:
         [event.sequence for _, event in rows],
         [event.time for _, event in rows],
         [orjson.dumps(event.data).decode() for _, event in rows],
-    )
+    ]
 
 
 def _order_of(event: Event) -> uuid.UUID | None:
@@ -105,7 +122,7 @@ def timeline_subscription() -> Subscription:
         TIMELINE_QUEUE,
         ["#"],
         record_timeline_event,
-        batch_handler=record_timeline_events,
+        batch_statement=timeline_statement,
         concurrency=2,
     )
 

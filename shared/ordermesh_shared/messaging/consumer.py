@@ -9,8 +9,14 @@ For every message::
 Messages that are already waiting when a lane gets to them are applied together, in one
 transaction (one inbox insert for all, then the handler for each new one, or the
 subscription's ``batch_handler`` once): under load a lane pays one commit for many events
-instead of one each. If anything in a batch fails, the whole batch rolls back and its
-messages are applied one at a time as above, so one bad message cannot hold up the others.
+instead of one each. A subscription whose batch is one SQL statement (``batch_statement``)
+pays one round trip: the inbox insert and the statement run as one, with no BEGIN or COMMIT.
+If anything in a batch fails, the whole batch rolls back and its messages are applied one at
+a time as above, so one bad message cannot hold up the others.
+
+Acknowledgements are gathered: a settled message is acknowledged together with every earlier
+delivery of its channel once those are settled too, by one ``basic.ack`` with ``multiple``
+(an ack per message was one frame, and its CPU, per event).
 
 A redelivered message (the broker restarted before our ack arrived, or the relay published it
 twice) finds its id in the inbox and is acknowledged without running the handler again.
@@ -38,12 +44,14 @@ import asyncio
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter
 
 from ordermesh_shared.database import Database, DbConn
+from ordermesh_shared.messaging.acks import AckWindow
 from ordermesh_shared.messaging.broker import BrokerUnavailable
 from ordermesh_shared.messaging.envelope import BadEnvelope, Event, decode_event
 from ordermesh_shared.messaging.failures import ConnectionSource, is_transient, open_connection
@@ -57,6 +65,10 @@ log = structlog.get_logger(__name__)
 
 Handler = Callable[[DbConn, Event], Awaitable[None]]
 BatchHandler = Callable[[DbConn, Sequence[Event]], Awaitable[None]]
+# A batch as one data-modifying SQL statement and its parameters, numbered from $5 (the inbox
+# insert takes $1-$4). It runs as a CTE beside the inbox insert and must apply only the
+# events whose ids the CTE ``fresh(message_id)`` returns: the ones not seen before.
+BatchStatement = Callable[[Sequence[Event]], tuple[str, Sequence[Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +85,7 @@ class Subscription:
     bindings: Sequence[str]
     handler: Handler
     batch_handler: BatchHandler | None = None
+    batch_statement: BatchStatement | None = None  # preferred to batch_handler when given
     batch_size: int = 50  # messages a lane applies in one transaction, at most
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     prefetch: int = 100
@@ -125,8 +138,16 @@ class EventConsumer:
         self._topology = topology or Topology()
         self._metrics = metrics
         self._lanes = [_Lane() for _ in range(max(1, subscription.concurrency))]
+        # Up to half the prefetch settled behind one slow message before acking one by one:
+        # unacknowledged messages count against the prefetch, and the broker would stop.
+        self._acks = AckWindow(max_waiting=max(1, subscription.prefetch // 2))
         self.counts: dict[str, int] = {}
         self.subscribed = asyncio.Event()  # the queue exists and is being consumed
+
+    @property
+    def ack_frames(self) -> int:
+        """``basic.ack`` frames sent so far (fewer than messages: they are gathered)."""
+        return self._acks.frames
 
     async def run(self) -> None:
         """Declare the queue, consume it, and apply events until cancelled."""
@@ -173,6 +194,7 @@ class EventConsumer:
 
     async def _dispatch(self, message: AbstractIncomingMessage) -> None:
         # Called in delivery order; the lane keeps that order for the message's aggregate.
+        self._acks.delivered(message)
         self._lanes[self._lane_of(message)].messages.put_nowait(message)
 
     def _lane_of(self, message: AbstractIncomingMessage) -> int:
@@ -200,9 +222,11 @@ class EventConsumer:
                 # One at a time instead: each message gets its own retries and verdict.
                 log.info("consumer.batch_failed", size=len(readable), error=repr(exc))
             else:
-                for message, event in readable:
-                    outcome = "applied" if fresh.pop(event.id, False) else "duplicate"
-                    await self._settle(message, outcome, ack=True)
+                outcomes = [
+                    (message, "applied" if fresh.pop(event.id, False) else "duplicate")
+                    for message, event in readable
+                ]
+                await self._settle_all(outcomes)
                 return
         for message, event in readable:
             await self._handle(message, event)
@@ -219,6 +243,8 @@ class EventConsumer:
     async def _apply_batch(self, events: list[Event]) -> dict[str, bool]:
         """Apply the new ones among ``events`` in one transaction; their ids -> True."""
         sub = self.subscription
+        if sub.batch_statement is not None:
+            return await self._apply_statement(sub.batch_statement, events)
         async with self._db.pool.acquire() as conn, conn.transaction():
             fresh = await self._record_in_inbox(conn, events)
             new = _first_copies(events, fresh)
@@ -228,6 +254,31 @@ class EventConsumer:
                 for event in new:
                     await sub.handler(conn, event)
         return fresh
+
+    async def _apply_statement(
+        self, statement: BatchStatement, events: list[Event]
+    ) -> dict[str, bool]:
+        # One statement is one transaction: the inbox rows and the effects commit together.
+        first: dict[str, Event] = {}
+        for event in events:  # a copy the relay published twice: the first one counts
+            first.setdefault(event.id, event)
+        unique = list(first.values())
+        sql, args = statement(unique)
+        async with self._db.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"WITH fresh AS ({_INBOX_INSERT}), applied AS ({sql}) SELECT message_id FROM fresh",
+                *self._inbox_args(unique),
+                *args,
+            )
+        return {row["message_id"]: True for row in rows}
+
+    def _inbox_args(self, events: Sequence[Event]) -> tuple[Any, ...]:
+        return (
+            self.subscription.queue,
+            [e.id for e in events],
+            [e.type for e in events],
+            [e.source for e in events],
+        )
 
     async def _handle(self, message: AbstractIncomingMessage, event: Event) -> None:
         attempt = _delivery_count(message)
@@ -256,6 +307,9 @@ class EventConsumer:
             delay = min(5.0, delay * 2)
 
     async def _apply_once(self, event: Event) -> bool:
+        if self.subscription.batch_statement is not None:  # one round trip, no transaction
+            applied = await self._apply_statement(self.subscription.batch_statement, [event])
+            return bool(applied)
         async with self._db.pool.acquire() as conn, conn.transaction():
             if not await self._record_in_inbox(conn, [event]):
                 return False
@@ -264,15 +318,7 @@ class EventConsumer:
 
     async def _record_in_inbox(self, conn: DbConn, events: Sequence[Event]) -> dict[str, bool]:
         """Inbox rows for ``events``; the ids not seen before -> True."""
-        rows = await conn.fetch(
-            "INSERT INTO inbox (consumer, message_id, event_type, source)"
-            " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])"
-            " ON CONFLICT DO NOTHING RETURNING message_id",
-            self.subscription.queue,
-            [e.id for e in events],
-            [e.type for e in events],
-            [e.source for e in events],
-        )
+        rows = await conn.fetch(_INBOX_INSERT, *self._inbox_args(events))
         return {row["message_id"]: True for row in rows}
 
     async def _gave_up(
@@ -295,9 +341,9 @@ class EventConsumer:
     ) -> None:
         try:
             if ack:
-                await message.ack()
+                await self._acks.settled(message)
             else:
-                await message.reject(requeue=False)  # to the dead-letter exchange
+                await self._acks.rejected(message)  # to the dead-letter exchange
         except Exception as exc:
             # The channel died with the message unsettled: the broker redelivers it, and the
             # inbox turns that into a duplicate.
@@ -305,10 +351,27 @@ class EventConsumer:
             outcome = f"{outcome}_unsettled"
         self._count(outcome)
 
+    async def _settle_all(self, outcomes: list[tuple[AbstractIncomingMessage, str]]) -> None:
+        """Acknowledge a batch: one frame for it (and whatever settled before it)."""
+        try:
+            await self._acks.settled_all([message for message, _ in outcomes])
+        except Exception as exc:  # the channel died: the broker redelivers, the inbox dedups
+            log.warning("consumer.settle_failed", outcome="batch", error=str(exc))
+            outcomes = [(message, f"{outcome}_unsettled") for message, outcome in outcomes]
+        for _, outcome in outcomes:
+            self._count(outcome)
+
     def _count(self, outcome: str) -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         if self._metrics is not None:
             self._metrics.consumed.labels(self.subscription.queue, outcome).inc()
+
+
+_INBOX_INSERT = (
+    "INSERT INTO inbox (consumer, message_id, event_type, source)"
+    " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])"
+    " ON CONFLICT DO NOTHING RETURNING message_id"
+)
 
 
 def _first_copies(events: Sequence[Event], fresh: dict[str, bool]) -> list[Event]:
