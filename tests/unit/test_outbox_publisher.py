@@ -135,11 +135,12 @@ async def test_a_stuck_confirm_holds_the_unconfirmed_rest_of_the_batch() -> None
 
 async def test_a_slow_but_steady_chain_is_not_an_outage() -> None:
     # The timer measures the gap between confirms, not the batch: one aggregate's five
-    # events confirmed 50 ms apart take 250 ms in all, more than the 120 ms allowed.
+    # events confirmed 150 ms apart take 750 ms in all, more than the 500 ms allowed (the
+    # slack between a gap and the limit absorbs a loaded machine's scheduling delays).
     async def publish(event: OutgoingEvent) -> None:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.15)
 
-    outcome = await publish_in_order(batch("a", "a", "a", "a", "a"), publish, within=0.12)
+    outcome = await publish_in_order(batch("a", "a", "a", "a", "a"), publish, within=0.5)
     assert names(outcome.confirmed) == ["a1", "a2", "a3", "a4", "a5"]
     assert outcome.outage is None
 
