@@ -11,7 +11,8 @@ contextvar read. On, the bootstrap instruments:
   background loops' queries that would each start a trace of their own);
 * the saga engine's spans (:func:`saga_span`, :func:`step_span`), the outbox row's stored
   ``traceparent`` (:func:`current_traceparent`), the relay's publish (:func:`publish_span`)
-  and each consumer's handling (:func:`consuming_span`).
+  and each consumer's handling (:func:`consuming_span`, or :func:`consuming_batch_span` for
+  events applied together).
 
 >>> tracing = tracing_from_settings(settings, service="order")      # None: tracing off
 >>> tracing.instrument_app(app)                                      # when the app is made
@@ -313,6 +314,34 @@ def consuming_span(event: _Event, *, queue: str = "") -> Iterator[trace.Span]:
         f"process {event.routing_key}",
         context=stored_context(event.traceparent) or Context(),
         kind=SpanKind.CONSUMER,
+        attributes=attributes,
+    ) as span:
+        yield span
+
+
+@contextmanager
+def consuming_batch_span(events: Sequence[_Event], *, queue: str = "") -> Iterator[trace.Span]:
+    """A consumer's span around applying several events in one transaction: a trace of its
+    own (they come from many orders), linked to each event's stored context.
+
+    >>> with consuming_batch_span(new, queue="order.timeline"):
+    ...     await subscription.batch_handler(conn, new)
+    """
+    if not _ACTIVE:
+        yield trace.INVALID_SPAN
+        return
+    links = [link for e in events if (link := _link(e.traceparent)) is not None]
+    attributes: dict[str, AttributeValue] = {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": queue,
+        "messaging.batch.message_count": len(events),
+    }
+    with tracer("ordermesh.messaging").start_as_current_span(
+        f"process batch {queue}".rstrip(),
+        context=Context(),
+        kind=SpanKind.CONSUMER,
+        links=links,
         attributes=attributes,
     ) as span:
         yield span

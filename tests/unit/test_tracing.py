@@ -30,6 +30,7 @@ from ordermesh_shared.saga import SagaDefinition, SagaEngine, SagaMetrics, StepF
 from ordermesh_shared.saga.memory import InMemorySagaStore
 from ordermesh_shared.tracing import (
     Tracing,
+    consuming_batch_span,
     consuming_span,
     current_traceparent,
     publish_span,
@@ -121,6 +122,23 @@ async def test_a_relay_batch_is_a_trace_of_its_own_linked_to_each_event(
     assert linked == [(o.trace_id, o.span_id) for o in origins if o is not None]
     assert batch.attributes is not None
     assert batch.attributes["messaging.batch.message_count"] == 3
+
+
+async def test_events_applied_together_are_one_span_linked_to_each(
+    spans: InMemorySpanExporter,
+) -> None:
+    stored = []
+    for name in ("order 1", "order 2"):
+        with tracing.tracer("test").start_as_current_span(name):
+            stored.append(current_traceparent())
+    events = [decode_event(received(outgoing(headers={"traceparent": tp}))) for tp in stored]
+    with consuming_batch_span(events, queue="order.timeline"):
+        pass
+    batch = named(spans, "process batch order.timeline")
+    assert batch.parent is None
+    origins = [named(spans, name).context for name in ("order 1", "order 2")]
+    linked = [(link.context.trace_id, link.context.span_id) for link in batch.links]
+    assert linked == [(o.trace_id, o.span_id) for o in origins if o is not None]
 
 
 async def test_with_tracing_off_nothing_is_recorded_or_stored() -> None:
