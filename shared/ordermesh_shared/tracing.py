@@ -26,6 +26,7 @@ provider of the first :class:`Tracing` started (one per process outside tests).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -167,7 +168,7 @@ class Tracing:
     ) -> None:
         self._users -= 1
         if self._users == 0:
-            self._stop()
+            await self._stop()
 
     def _start(self) -> None:
         # Here, not in __init__: the batch processor starts a thread.
@@ -177,12 +178,13 @@ class Tracing:
         if len(_ACTIVE) == 1:
             _instrument_asyncpg(self.provider)
 
-    def _stop(self) -> None:
+    async def _stop(self) -> None:
         _ACTIVE.remove(self)
         if not _ACTIVE:
             _uninstrument_asyncpg()
-        # Flushes what is queued; a span ending later (a saga still compensating) is lost.
-        self.provider.shutdown()
+        # Flushes what is queued (a span ending later is lost), in a thread: an exporter
+        # whose collector is away blocks up to its timeout, and the loop still has work.
+        await asyncio.to_thread(self.provider.shutdown)
 
 
 # The started Tracing objects of this process (one outside tests): the saga engine, the
