@@ -77,7 +77,8 @@ demo-breaker:  ## a flaky payment instance opens the breaker; clearing the fault
 bench:  ## the benchmarks (12-17 minutes; not part of CI): table + bench/results/latest.json
 	$(RUN) python -m bench.run
 
-test: deps  ## make deps, then the test suite (compose tests skip without Docker)
+test: install  ## make deps with the test tools (chromium, promtool), then the test suite
+	deploy/local/prereqs.sh tests
 	$(RUN) pytest
 
 lint:  ## ruff, mypy (strict) and the compose schema check

@@ -49,7 +49,9 @@ missing_packages() {
     command -v etcd >/dev/null || echo etcd-server
     command -v pg_ctlcluster >/dev/null || echo postgresql
     command -v rabbitmq-server >/dev/null || echo rabbitmq-server
-    # Headless, for the overview page's browser test (tests/integration/test_overview_page.py).
+    [[ $FOR_TESTS == yes ]] || return 0
+    # Only the tests need these (a browser is ~100 MB the platform itself never uses):
+    # headless, for the overview page's browser test (tests/integration/test_overview_page.py).
     command -v chromium >/dev/null || echo chromium
     # promtool checks the observability configs; the local scrape test runs the server.
     command -v promtool >/dev/null || echo prometheus
@@ -196,11 +198,15 @@ start_rabbitmq() {
         fail "RabbitMQ not listening on $RABBITMQ_PORT after ${START_WAIT} s: see /var/log/rabbitmq/"
 }
 
+FOR_TESTS=no
+
 main() {
     if [[ ${1:-} == uv ]]; then
         install_uv
         return
     fi
+    # "tests": also what only the test suite uses (make test and .ci/run ask for it).
+    [[ ${1:-} == tests ]] && FOR_TESTS=yes
     install_packages
     install_uv
     start_postgres
