@@ -126,6 +126,7 @@ def cutter_for(target: Target, *, run_dir: Path = Path(".run")) -> partition.Cut
 
 async def cut_for(cutter: partition.Cutter, a: str, b: str, *, hold: float) -> None:
     """Cut ``a`` from ``b`` for ``hold`` s (taking in restarted members), then heal it."""
+    partition.require_privileges()
     cut = await asyncio.to_thread(partition.create, cutter, a, b, hold=hold)
     say(f"partition {cut.describe()}")
     await partition.keep(cutter, cut)
@@ -333,6 +334,7 @@ def _cutter(args: argparse.Namespace, *, running: bool = True) -> partition.Cutt
 def _cmd_partition(args: argparse.Namespace) -> int:
     cutter = _cutter(args)
     try:
+        partition.require_privileges()
         if args.hold:
             asyncio.run(cut_for(cutter, args.a, args.b, hold=args.hold))
         else:
@@ -346,6 +348,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 def _cmd_heal(args: argparse.Namespace) -> int:
     cutter = _cutter(args, running=False)
     try:
+        partition.require_privileges()
         healed = partition.heal(cutter, args.a, args.b)
     except partition.PartitionError as exc:
         raise SystemExit(str(exc)) from None
