@@ -65,15 +65,30 @@ class CommandRaced(Unavailable):
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What the caller gets, stored with the effect: a replay gets the same."""
+    """What the caller gets, stored with the effect: a replay gets the same.
+
+    ``encoded``: the body as JSON, made once (by orjson) for both the stored row and the
+    HTTP answer; a stored answer keeps the text it was loaded as."""
 
     status: int
     body: Any
+    encoded: bytes = field(default=b"", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.encoded:
+            object.__setattr__(self, "encoded", orjson.dumps(self.body))
 
     def response(self, *, replay: bool) -> JSONResponse:
         """The HTTP answer (``Idempotent-Replay`` says whether it was stored before)."""
         headers = {"Idempotent-Replay": "true" if replay else "false"}
-        return JSONResponse(self.body, status_code=self.status, headers=headers)
+        return _EncodedJSON(self.encoded, status_code=self.status, headers=headers)
+
+
+class _EncodedJSON(JSONResponse):
+    """A JSON response whose body is JSON already (no second encoding)."""
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else super().render(content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +202,7 @@ class Recorded:
     @property
     def args(self) -> list[Any]:
         """The parameters of :meth:`ctes`, in order."""
-        body = orjson.dumps(self.answer.body).decode()
+        body = self.answer.encoded.decode()
         values: list[Any] = [self.key, self.fingerprint, self.answer.status, body]
         if self.event is not None:
             values += self._event("", 0)[1]
@@ -209,7 +224,8 @@ def stored_answer(row: asyncpg.Record) -> StoredAnswer | None:
     """The answer columns of a load query (:data:`ANSWER_COLUMNS`), or None."""
     if row["answer_hash"] is None:
         return None
-    answer = Answer(row["answer_status"], orjson.loads(row["answer_body"]))
+    text: str = row["answer_body"]
+    answer = Answer(row["answer_status"], orjson.loads(text), encoded=text.encode())
     return StoredAnswer(row["answer_hash"], answer)
 
 
