@@ -74,7 +74,7 @@ demo-lock:  ## workers share a lock; a holder is SIGSTOPped past its TTL; its la
 demo-breaker:  ## a flaky payment instance opens the breaker; clearing the fault closes it
 	$(RUN) python -m ordermesh_deploy.demo_breaker
 
-bench:  ## the benchmarks (12-17 minutes; not part of CI): table + bench/results/latest.json
+bench:  ## the benchmarks (14-19 minutes; not part of CI): table + bench/results/latest.json
 	$(RUN) python -m bench.run
 
 test: install  ## make deps with the test tools (chromium, promtool), then the test suite
