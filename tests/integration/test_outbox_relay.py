@@ -19,6 +19,8 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from ordermesh_shared.database import SHARED_MIGRATIONS, Database, DbConn
 from ordermesh_shared.messaging.broker import Broker
 from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
@@ -39,6 +41,7 @@ from ordermesh_shared.outbox.store import (
     list_quarantined,
     redrive,
 )
+from ordermesh_shared.tracing import Tracing
 
 pytestmark = pytest.mark.integration
 
@@ -589,3 +592,23 @@ async def test_under_load_a_batch_gathers_the_events_of_its_linger(
         await eventually(lambda: _has_effects(db, 60), timeout=10)
     assert sum(batches) == 60
     assert len(batches) <= 15, batches  # ~0.4 s of writes / 0.05 s linger, and some slack
+
+
+async def test_a_consumer_continues_the_trace_the_event_was_written_in(
+    db: Database, broker: Broker
+) -> None:
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(service=SERVICE, instance_id="t-1", exporter=exporter, batch=False)
+    async with tracing, consuming(db, broker), background(relay_for(db, broker).run(SoleLeader())):
+        with tracing.tracer("test").start_as_current_span("write") as write:
+            await commit_event(db, "traced")  # add_event stores the current traceparent
+        await eventually(lambda: _has_effects(db, 1))
+        await asyncio.sleep(0.1)  # the consumer's span ends after its commit
+    spans = exporter.get_finished_spans()
+    trace_id = write.get_span_context().trace_id
+    consumed = [s for s in spans if s.kind == SpanKind.CONSUMER]
+    published = [s for s in spans if s.kind == SpanKind.PRODUCER]
+    assert consumed
+    assert {s.context.trace_id for s in consumed if s.context} == {trace_id}
+    assert published  # the relay's batch: a trace of its own, linked to the event's
+    assert any(link.context.trace_id == trace_id for s in published for link in s.links)

@@ -60,6 +60,7 @@ from ordermesh_shared.messaging.topology import (
     Topology,
     declare_consumer_queue,
 )
+from ordermesh_shared.tracing import consuming_batch_span, consuming_span
 
 log = structlog.get_logger(__name__)
 
@@ -243,17 +244,18 @@ class EventConsumer:
     async def _apply_batch(self, events: list[Event]) -> dict[str, bool]:
         """Apply the new ones among ``events`` in one transaction; their ids -> True."""
         sub = self.subscription
-        if sub.batch_statement is not None:
-            return await self._apply_statement(sub.batch_statement, events)
-        async with self._db.pool.acquire() as conn, conn.transaction():
-            fresh = await self._record_in_inbox(conn, events)
-            new = _first_copies(events, fresh)
-            if sub.batch_handler is not None:
-                await sub.batch_handler(conn, new)
-            else:
-                for event in new:
-                    await sub.handler(conn, event)
-        return fresh
+        with consuming_batch_span(events, queue=sub.queue):  # linked to each event's trace
+            if sub.batch_statement is not None:
+                return await self._apply_statement(sub.batch_statement, events)
+            async with self._db.pool.acquire() as conn, conn.transaction():
+                fresh = await self._record_in_inbox(conn, events)
+                new = _first_copies(events, fresh)
+                if sub.batch_handler is not None:
+                    await sub.batch_handler(conn, new)
+                else:
+                    for event in new:
+                        await sub.handler(conn, event)
+            return fresh
 
     async def _apply_statement(
         self, statement: BatchStatement, events: list[Event]
@@ -307,14 +309,15 @@ class EventConsumer:
             delay = min(5.0, delay * 2)
 
     async def _apply_once(self, event: Event) -> bool:
-        if self.subscription.batch_statement is not None:  # one round trip, no transaction
-            applied = await self._apply_statement(self.subscription.batch_statement, [event])
-            return bool(applied)
-        async with self._db.pool.acquire() as conn, conn.transaction():
-            if not await self._record_in_inbox(conn, [event]):
-                return False
-            await self.subscription.handler(conn, event)
-        return True
+        sub = self.subscription
+        with consuming_span(event, queue=sub.queue):  # continues the event's stored trace
+            if sub.batch_statement is not None:  # one round trip, no transaction
+                return bool(await self._apply_statement(sub.batch_statement, [event]))
+            async with self._db.pool.acquire() as conn, conn.transaction():
+                if not await self._record_in_inbox(conn, [event]):
+                    return False
+                await sub.handler(conn, event)
+            return True
 
     async def _record_in_inbox(self, conn: DbConn, events: Sequence[Event]) -> dict[str, bool]:
         """Inbox rows for ``events``; the ids not seen before -> True."""

@@ -61,6 +61,7 @@ from ordermesh_shared.outbox.store import (
     prune_published,
     record_failures,
 )
+from ordermesh_shared.tracing import publish_span
 
 log = structlog.get_logger(__name__)
 
@@ -271,7 +272,8 @@ class OutboxRelay:
                     claimed()
                 if not claim.events:
                     return BatchReport(0, 0, 0, 0, (), None)
-                outcome = await self._publisher.publish(claim.events)
+                with publish_span(claim.events, service=self.service):
+                    outcome = await self._publisher.publish(claim.events)
                 if self._after_confirm is not None:
                     await self._after_confirm(outcome.confirmed)
                 quarantined = await self._record(conn, outcome, token)
