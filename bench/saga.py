@@ -10,6 +10,10 @@ Measurements alternate between them run by run, so a noisy neighbour hurts both 
 * latency: orders arrive at a fixed rate (``ordermesh_deploy.load.run_load``, open loop, its
   seeded mix of customers, products and destinations); p50 and p99 of the answer time.
 
+The bare saga makes the platform's four hops over the platform's pool settings; each of the
+platform's windows records its backlog at its start and end (``bench/backlog.py``), and a
+window whose backlog grew flags its figures.
+
 This module also holds what the other bench modules share: :class:`Figure` (one line of
 the results table) and :func:`local_stack` (a stack of our own, always stopped, its
 databases and RabbitMQ vhost removed).
