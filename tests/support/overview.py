@@ -103,11 +103,17 @@ class OverviewApp:
 
 @asynccontextmanager
 async def overview_app(
-    database: str, vhost: str, *, etcd_url: str, port: int
+    database: str,
+    vhost: str,
+    *,
+    etcd_url: str,
+    port: int,
+    participants: ScriptedParticipants | None = None,
 ) -> AsyncIterator[OverviewApp]:
-    """The order app (relay elected on ``etcd_url``) with scripted participants."""
+    """The order app (relay elected on ``etcd_url``) with scripted participants (a subclass
+    of ScriptedParticipants, for a test that scripts more)."""
     registry = InMemoryRegistry()
-    participants = ScriptedParticipants()
+    participants = participants or ScriptedParticipants()
     settings = OrderSettings(
         database_url=database,
         rabbitmq_url=vhost,
