@@ -291,7 +291,9 @@ async def test_a_batch_statement_applies_each_event_once_in_one_round_trip_each(
     # One round trip per batch (at most one per message): no BEGIN, no COMMIT, nothing but
     # preparing the statement on a connection that had not run it yet.
     warm = [trip for trip in trips if not trip.cache_miss]
-    assert all("fresh" in trip.sql for trip in warm), [t.sql[:60] for t in warm if "fresh" not in t.sql]
+    assert all("fresh" in trip.sql for trip in warm), [
+        t.sql[:60] for t in warm if "fresh" not in t.sql
+    ]
     assert 0 < len(warm) <= 32
 
 
