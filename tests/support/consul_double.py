@@ -23,10 +23,20 @@ double, written from Consul's API documentation and agent behaviour:
   releases blocked queries at once, as Consul's abandon and shutdown channels do.
 - The reaper: a service with a check critical for longer than its
   DeregisterCriticalServiceAfter is deregistered, checked every ``reap_interval``.
+- The DNS interface (:class:`ConsulDns`, served over UDP and TCP by :class:`DnsServer`):
+  ``<service>.service[.dc1].consul`` and the RFC 2782 ``_<service>._tcp.service.consul`` answer
+  SRV (``1 1 <port> <target>``, the target's A record in the additional section) and A
+  queries for the service's instances without a critical check (Consul's default
+  ``only_passing = false``: warning still answers), shuffled, every record with the
+  ``service_ttl`` (default 0 s, as Consul's). Over UDP an answer holds at most three records
+  (``udp_answer_limit``, no TC bit), over TCP all. An unknown service, or one without a
+  healthy instance, is NXDOMAIN with the ``consul.`` SOA; a name outside ``consul.`` is
+  REFUSED (an agent without recursors).
 
 Not modelled: ACLs and tokens, TTL/TCP/script/gRPC checks, ``tag``/``filter``/``near``,
 the catalog and KV endpoints, sessions, several nodes or datacenters, anti-entropy delay,
-hash-based blocking, consistency modes. Other paths answer 404.
+hash-based blocking, consistency modes; in DNS, tags, node and prepared-query lookups, TXT
+records, AAAA and recursion. Other paths answer 404.
 
 Timing: Consul's floors (check interval >= 1 s, DeregisterCriticalServiceAfter >= 1 min,
 reaper every 30 s) are the default :class:`Timing`. The ``consul_double`` fixture compresses
@@ -38,16 +48,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import random
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, cast
 from urllib.parse import parse_qs
 
 import aiohttp
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
@@ -270,6 +290,14 @@ class ConsulDouble:
         if name in self._service_index:
             return self._service_index[name]
         return max(self._extinction_index or self._raft_index, 1)
+
+    def dns_instances(self, name: str) -> list[Service]:
+        """The instances Consul's DNS answers for ``name``: those without a critical check."""
+        return [
+            service
+            for service in self._services.values()
+            if service.name == name and all(c.status != CRITICAL for c in service.checks.values())
+        ]
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
         """The recorded requests whose path starts with ``path``."""
@@ -650,6 +678,194 @@ class ConsulDouble:
         }
 
 
+# -- the DNS interface ----------------------------------------------------------------------
+
+CONSUL_DOMAIN = dns.name.from_text("consul.")
+UDP_ANSWER_LIMIT = 3  # Consul's dns_config.udp_answer_limit default
+
+
+def _dns_service(name: dns.name.Name) -> str | None:
+    """The service a name asks for (``payment.service[.dc1].consul``, ``_payment._tcp...``)."""
+    labels = [label.decode().lower() for label in name.relativize(CONSUL_DOMAIN).labels]
+    if labels[-1:] == [DATACENTER]:
+        labels = labels[:-1]
+    if len(labels) == 3 and labels[1:] == ["_tcp", "service"] and labels[0].startswith("_"):
+        return labels[0][1:]
+    if len(labels) == 2 and labels[1] == "service":
+        return labels[0]
+    return None
+
+
+def _dns_address(service: Service) -> str:
+    return service.address or NODE_ADDRESS  # an empty address is the node's, as in Consul
+
+
+def _dns_target(service: Service) -> str:
+    if not service.address:
+        return f"{NODE}.node.{DATACENTER}.consul."
+    # Consul names an SRV target with its own address by the address in hex.
+    return f"{ipaddress.IPv4Address(service.address).packed.hex()}.addr.{DATACENTER}.consul."
+
+
+class ConsulDns:
+    """Answers DNS queries from the agent's state as Consul's DNS interface does.
+
+    >>> answers = ConsulDns(agent, service_ttl=2.0)
+    >>> reply_wire = answers.answer(query_wire, udp=True)   # None: a packet Consul drops
+    """
+
+    def __init__(self, agent: ConsulDouble, *, service_ttl: float = 0.0) -> None:
+        self.agent = agent
+        self.service_ttl = service_ttl
+        self.queries: list[tuple[str, str, str]] = []  # (udp|tcp, name, type), for tests
+
+    def answer(self, wire: bytes, *, udp: bool) -> bytes | None:
+        """The reply to one query packet."""
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        if len(query.question) != 1:
+            reply = dns.message.make_response(query)
+            reply.set_rcode(dns.rcode.FORMERR)
+            return reply.to_wire()
+        return self.respond(query, udp=udp).to_wire()
+
+    def respond(self, query: dns.message.Message, *, udp: bool) -> dns.message.Message:
+        """The reply message to a parsed query."""
+        question = query.question[0]
+        name, rdtype = question.name, question.rdtype
+        type_text = dns.rdatatype.to_text(rdtype)
+        self.queries.append(("udp" if udp else "tcp", name.to_text(), type_text))
+        reply = dns.message.make_response(query)
+        reply.flags |= dns.flags.AA
+        if not name.is_subdomain(CONSUL_DOMAIN):
+            reply.flags &= ~dns.flags.AA
+            reply.set_rcode(dns.rcode.REFUSED)  # an agent without recursors
+        elif name == CONSUL_DOMAIN and rdtype == dns.rdatatype.SOA:
+            reply.answer.append(self._soa())
+        else:
+            self._service_answer(reply, name, rdtype, udp=udp)
+        return reply
+
+    def _service_answer(
+        self, reply: dns.message.Message, name: dns.name.Name, rdtype: int, *, udp: bool
+    ) -> None:
+        service = _dns_service(name)
+        instances = self.agent.dns_instances(service) if service else []
+        if not instances:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+            reply.authority.append(self._soa())
+            return
+        random.shuffle(instances)  # Consul shuffles every answer: crude load spreading
+        if udp:
+            instances = instances[:UDP_ANSWER_LIMIT]
+        if rdtype == dns.rdatatype.SRV:
+            self._add_srv(reply, name, instances)
+        elif rdtype in (dns.rdatatype.A, dns.rdatatype.ANY):
+            addresses = sorted({_dns_address(s) for s in instances})
+            reply.answer.append(dns.rrset.from_text_list(name, self._ttl, "IN", "A", addresses))
+        else:
+            reply.authority.append(self._soa())  # the name exists, with no data of this type
+
+    def _add_srv(
+        self, reply: dns.message.Message, name: dns.name.Name, instances: list[Service]
+    ) -> None:
+        records = [f"1 1 {s.port} {_dns_target(s)}" for s in instances]
+        reply.answer.append(dns.rrset.from_text_list(name, self._ttl, "IN", "SRV", records))
+        targets = {_dns_target(s): _dns_address(s) for s in instances}
+        for target, address in targets.items():
+            reply.additional.append(dns.rrset.from_text(target, self._ttl, "IN", "A", address))
+
+    @property
+    def _ttl(self) -> int:
+        return int(self.service_ttl)
+
+    @staticmethod
+    def _soa() -> dns.rrset.RRset:
+        # Consul's SOA: serial = now, negative answers cacheable for soa.min_ttl (0 s).
+        soa = f"ns.consul. hostmaster.consul. {int(time.time())} 3600 600 86400 0"
+        return dns.rrset.from_text(CONSUL_DOMAIN, 0, "IN", "SOA", soa)
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, answers: ConsulDns) -> None:
+        self._answers = answers
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        reply = self._answers.answer(data, udp=True)
+        if reply is not None and self._transport is not None:
+            self._transport.sendto(reply, addr)
+
+
+class DnsServer:
+    """Serves a :class:`ConsulDns` over UDP and TCP on one port (a free one if ``port=0``).
+
+    ``stop()``/``start()`` take it down and up again on the same port.
+    """
+
+    def __init__(self, answers: ConsulDns, *, host: str = NODE_ADDRESS, port: int = 0) -> None:
+        self.answers = answers
+        self.host, self.port = host, port
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._streams: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Listen on UDP and TCP; a free port is retried until TCP gets the same number too."""
+        loop = asyncio.get_running_loop()
+        for _attempt in range(20):
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagrams(self.answers), local_addr=(self.host, self.port)
+            )
+            port = udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(
+                    self._serve_stream, self.host, port, reuse_address=True
+                )
+            except OSError:
+                udp.close()
+                if self.port:
+                    raise
+                continue
+            self._udp, self.port = udp, port
+            return
+        raise OSError("no port free for both UDP and TCP")
+
+    async def stop(self) -> None:
+        """Stop answering (both transports, open TCP connections included)."""
+        if self._udp is not None:
+            self._udp.close()
+        for writer in list(self._streams):
+            writer.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            await self._tcp.wait_closed()
+        self._udp = self._tcp = None
+
+    async def _serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._streams.add(writer)
+        try:
+            while True:  # RFC 1035 4.2.2: each message behind its two-byte length
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                reply = self.answers.answer(await reader.readexactly(size), udp=False)
+                if reply is None:
+                    break
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client closed the connection: the usual end
+        finally:
+            self._streams.discard(writer)
+            writer.close()
+
+
 class _InTestServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -661,10 +877,14 @@ class ConsulDoubleServer:
 
     ``stop()``/``start()`` take the HTTP API down and up on the same port while the agent's
     state and checks keep running: a client cut off from its agent, not an agent restart.
+    The DNS interface (``dns_port``, UDP and TCP; ``dns.service_ttl`` to set the TTL) goes
+    down and up with it.
     """
 
     def __init__(self, agent: ConsulDouble) -> None:
         self.agent = agent
+        self.dns = ConsulDns(agent)
+        self._dns_server = DnsServer(self.dns)
         self._port = 0
         self._socket: socket.socket | None = None
         self._server: _InTestServer | None = None
@@ -674,6 +894,11 @@ class ConsulDoubleServer:
     def url(self) -> str:
         """Base URL of the agent's HTTP API."""
         return f"http://{NODE_ADDRESS}:{self._port}"
+
+    @property
+    def dns_port(self) -> int:
+        """The DNS interface's port (UDP and TCP) on NODE_ADDRESS."""
+        return self._dns_server.port
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -702,11 +927,13 @@ class ConsulDoubleServer:
         )
         self._server = server = _InTestServer(config)
         self._task = asyncio.create_task(server.serve(sockets=[sock]), name="consul-double")
+        await self._dns_server.start()
 
     async def stop(self) -> None:
         """Stop listening; blocked queries are answered first, as on an agent shutdown."""
         if self._server is None or self._task is None:
             return
+        await self._dns_server.stop()
         self.agent.draining = True
         self.agent.interrupt_blocking()
         self._server.should_exit = True
@@ -720,20 +947,31 @@ class ConsulDoubleServer:
 def main(argv: list[str] | None = None) -> None:
     """Serve the double as a Consul agent with Consul's own timing (the offline compose stack).
 
-    ``python consul_double.py --host 0.0.0.0 --port 8500``: the container that stands in for
-    Consul where no Consul image can be had (deploy/compose/offline.yml).
+    ``python consul_double.py --host 0.0.0.0 --port 8500 --dns-port 8600``: the container that
+    stands in for Consul where no Consul image can be had (deploy/compose/offline.yml).
     """
     parser = argparse.ArgumentParser(description="A Consul agent API double (no Consul binary).")
     parser.add_argument(
         "--host", default=NODE_ADDRESS, help=f"listen address (default {NODE_ADDRESS})"
     )
-    parser.add_argument("--port", type=int, default=8500, help="listen port (default 8500)")
+    parser.add_argument("--port", type=int, default=8500, help="HTTP port (default 8500)")
+    parser.add_argument(
+        "--dns-port", type=int, default=8600, help="DNS port, UDP and TCP (default 8600)"
+    )
+    parser.add_argument(
+        "--dns-ttl",
+        type=go_duration,
+        default="0s",
+        help="TTL of service records, a Go duration (default 0s, as Consul's service_ttl)",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.host, args.port))
+    asyncio.run(_serve(args.host, args.port, dns_port=args.dns_port, dns_ttl=args.dns_ttl))
 
 
-async def _serve(host: str, port: int) -> None:
+async def _serve(host: str, port: int, *, dns_port: int, dns_ttl: float) -> None:
     async with ConsulDouble() as agent:
+        dns_server = DnsServer(ConsulDns(agent, service_ttl=dns_ttl), host=host, port=dns_port)
+        await dns_server.start()
         config = uvicorn.Config(
             agent,
             host=host,
@@ -745,7 +983,10 @@ async def _serve(host: str, port: int) -> None:
             access_log=False,
             timeout_graceful_shutdown=1,
         )
-        await uvicorn.Server(config).serve()
+        try:
+            await uvicorn.Server(config).serve()
+        finally:
+            await dns_server.stop()
 
 
 if __name__ == "__main__":
