@@ -114,9 +114,24 @@ def make_registry(settings: ServiceSettings) -> Registry:
         from ordermesh_shared.discovery.consul import ConsulRegistry
 
         return ConsulRegistry(settings.consul_url)
+    if settings.registry == "dns":
+        return _dns_registry(settings)
     from ordermesh_shared.discovery.etcd import EtcdRegistry
 
     return EtcdRegistry(settings.etcd_url, ttl=settings.registry_ttl)
+
+
+def _dns_registry(settings: ServiceSettings) -> Registry:
+    from ordermesh_shared.discovery.consul import ConsulRegistry
+    from ordermesh_shared.discovery.dns import DnsRegistry
+
+    registrar = ConsulRegistry(settings.consul_url) if settings.dns_register == "consul" else None
+    return DnsRegistry(
+        settings.dns_server,
+        domain=settings.dns_domain,
+        port_name=settings.dns_port_name,
+        registrar=registrar,
+    )
 
 
 def create_service_app(

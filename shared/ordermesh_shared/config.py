@@ -44,9 +44,20 @@ class ServiceSettings(BaseSettings):
     database_url: str = Field("", description="PostgreSQL DSN of this service's own database.")
     db_pool_max: int = Field(10, ge=1, le=200, description="Most connections in the pool.")
     rabbitmq_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="AMQP URL.")
-    registry: Literal["etcd", "consul"] = Field("etcd", description="Discovery backend.")
+    registry: Literal["etcd", "consul", "dns"] = Field("etcd", description="Discovery backend.")
     etcd_url: str = Field("http://127.0.0.1:2379", description="etcd v3 JSON gateway URL.")
     consul_url: str = Field("http://127.0.0.1:8500", description="Consul agent URL.")
+    # REGISTRY=dns: SRV lookups, membership as stale as the answers' TTL (discovery/dns.py).
+    dns_server: str = Field(
+        "",
+        pattern=r"^([\w.-]+|\[[0-9a-fA-F:.]+\])?(:\d{1,5})?$",
+        description="DNS server host:port (empty: /etc/resolv.conf).",
+    )
+    dns_domain: str = Field("service.consul", description="Domain of <service>.<domain> SRV.")
+    dns_port_name: str = Field("", description="Ask _<name>._tcp.<service>.<domain> (k8s).")
+    dns_register: Literal["consul", "none"] = Field(
+        "consul", description="Who registers: Consul's HTTP API, or none (the platform)."
+    )
     registry_ttl: float = Field(3.0, gt=0, le=60, description="etcd lease TTL, seconds.")
     health_timeout: float = Field(1.0, gt=0, le=30, description="Timeout of each health check.")
     log_level: LogLevel = Field("INFO", description="Log level.")
