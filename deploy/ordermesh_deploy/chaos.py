@@ -386,6 +386,7 @@ def _add_partition_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     cut.add_argument(
         "--for",
         dest="hold",
+        metavar="SECONDS",
         type=float,
         default=None,
         help="heal by itself after this many seconds (the command waits; default: the cut"
