@@ -84,10 +84,6 @@ class Target(Protocol):
         """Stop and start it."""
         ...
 
-    async def partition(self, name: str, *, hold: float) -> None:
-        """Cut it off the network for ``hold`` seconds, then connect it again."""
-        ...
-
 
 async def _run(*command: str) -> None:
     proc = await asyncio.create_subprocess_exec(
@@ -175,12 +171,6 @@ class LocalTarget:
             return
         await self._ctl("restart", name)
 
-    async def partition(self, name: str, *, hold: float) -> None:
-        raise RuntimeError(
-            "partition needs the compose stack (containers on a network): the local stack's"
-            " processes all share this machine's loopback; try --target compose"
-        )
-
 
 class ComposeTarget:
     """The compose stack's containers, one replica at a time (``payment-2``), by container id:
@@ -232,16 +222,3 @@ class ComposeTarget:
 
     async def restart(self, name: str) -> None:
         await self._docker("restart", name)
-
-    async def partition(self, name: str, *, hold: float) -> None:
-        container = await self._container(name)
-        for network in container.networks:
-            await _run("docker", "network", "disconnect", network, container.id)
-        await asyncio.sleep(hold)
-        for network, aliases in container.networks.items():
-            # The service's DNS name is an alias of the endpoint: reconnecting without it
-            # would leave `postgres` or `rabbitmq` unresolvable for the others.
-            names = [a for a in aliases if not container.id.startswith(a)]
-            options = [option for alias in names for option in ("--alias", alias)]
-            await _run("docker", "network", "connect", *options, network, container.id)
-        say(f"{name} is connected again")
