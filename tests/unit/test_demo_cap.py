@@ -3,19 +3,21 @@ any packet filter touched (the demonstration itself: tests/e2e/test_demo_cap.py)
 
 from __future__ import annotations
 
+import os
+
 import pytest
-from ordermesh_deploy import demo_cap
+from ordermesh_deploy import demo_cap, stacks
 
 
 def test_without_root_it_says_so_in_one_line_before_touching_anything(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(demo_cap.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
 
     def no_stack(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("looked for a stack before checking for root")
 
-    monkeypatch.setattr(demo_cap.stacks, "find_or_exit", no_stack)
+    monkeypatch.setattr(stacks, "find_or_exit", no_stack)
     with pytest.raises(SystemExit) as exited:
         demo_cap.main(["--target", "local"])
     assert exited.value.code == demo_cap.NOT_ROOT
