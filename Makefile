@@ -10,7 +10,7 @@ local_env = $(patsubst $(1)=%,%,$(filter $(1)=%,$(file < .run/local.env)))
 export POSTGRES_URL ?= $(call local_env,POSTGRES_URL)
 export ORDERMESH_TEST_PG ?= $(call local_env,ORDERMESH_TEST_PG)
 
-.PHONY: help install deps dev down status up images logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker events bench reset
+.PHONY: help install deps dev down status up images logs test lint fmt load audit chaos chaos-all demo-election demo-lock demo-breaker demo-cap events bench reset
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ demo-lock:  ## workers share a lock; a holder is SIGSTOPped past its TTL; its la
 
 demo-breaker:  ## a flaky payment instance opens the breaker; clearing the fault closes it
 	$(RUN) python -m ordermesh_deploy.demo_breaker
+
+demo-cap:  ## as root, under load: inventory, then etcd, cut off; what answers, what refuses; heal; audit
+	$(RUN) python -m ordermesh_deploy.demo_cap $(TARGET_ARG)
 
 bench:  ## the benchmarks (14-19 minutes; not part of CI): table + bench/results/latest.json
 	$(RUN) python -m bench.run
