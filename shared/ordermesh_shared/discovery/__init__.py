@@ -1,4 +1,4 @@
-"""Service discovery: the :class:`Registry` port and its etcd and Consul backends."""
+"""Service discovery: the :class:`Registry` port and its etcd, Consul and DNS backends."""
 
 from ordermesh_shared.discovery.base import Registry, RegistryError, ServiceInstance
 

@@ -1,12 +1,15 @@
 """The registry port: how a service announces itself and finds its peers.
 
-Two backends satisfy :class:`Registry` without inheriting from it:
+Three backends satisfy :class:`Registry` without inheriting from it:
 :class:`~ordermesh_shared.discovery.etcd.EtcdRegistry` (lease-backed keys, the default
-where Consul is not installed) and :class:`~ordermesh_shared.discovery.consul.ConsulRegistry`
-(agent registration with an HTTP check, the default in docker compose).
+where Consul is not installed), :class:`~ordermesh_shared.discovery.consul.ConsulRegistry`
+(agent registration with an HTTP check, the default in docker compose) and
+:class:`~ordermesh_shared.discovery.dns.DnsRegistry` (SRV lookups, stale for up to their TTL;
+registration left to Consul or the platform).
 
 Resolution never makes a network round trip: :meth:`Registry.instances` reads a local cache
-that a background watch (etcd) or blocking query (Consul) keeps current.
+that a background watch (etcd), blocking query (Consul) or TTL-timed lookup (DNS) keeps
+current.
 """
 
 from __future__ import annotations
