@@ -607,12 +607,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="demo-cap",
         description="CAP on the running stack (local or compose), under steady load: inventory"
         " cut from order and from RabbitMQ (catalogue reads answered with a growing lag, orders"
-        " accepted, reservations refused), healed (the replica converges), then etcd cut from"
-        " everyone (an etcd lock refused, catalogue reads still answered); then the audit."
+        " accepted, reservations refused, a price changed at inventory), healed (the replica"
+        " converges), then etcd cut from everyone (an etcd lock refused, catalogue reads still"
+        " answered); then the audit, and the price is set back."
         " Needs root (iptables, cgroups). Exit 1 when an expectation or an invariant failed.",
     )
     stacks.add_target_arguments(parser)
-    parser.add_argument("--seed", type=int, default=1, help="seed of the orders, SKU and price")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the orders, SKU and price (1)")
     parser.add_argument("--rate", type=float, default=5.0, help="orders per second (default 5)")
     parser.add_argument("--steady", type=float, default=3, help="seconds before the cut (3)")
     parser.add_argument("--cut", type=float, default=10, help="seconds inventory is cut (10)")
