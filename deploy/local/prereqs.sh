@@ -149,8 +149,19 @@ pg_login_works() {
 # Debian's pg_hba asks for a password on 127.0.0.1 (scram) and trusts the socket's peer, so:
 # a role of our own with a password, set over the socket as the postgres user. CREATEDB is all
 # the stack and the tests need (no migration creates an extension): not a superuser.
+# Every checkout on this machine logs in as the one role, so with one password: kept in the
+# user's config too, a second clone (or CI's) takes it instead of resetting the role's
+# password, which would lock the first clone out.
+SHARED_ENV_FILE=${XDG_CONFIG_HOME:-$HOME/.config}/ordermesh/local.env
+
 ensure_pg_role() {
-    pg_login_works && return 0
+    pg_login_works && { share_env_file; return 0; }
+    if [[ -r $SHARED_ENV_FILE ]]; then
+        mkdir -p .run
+        chmod 700 .run
+        (umask 077 && cp "$SHARED_ENV_FILE" "$ENV_FILE")
+        pg_login_works && { echo "prereqs: PostgreSQL login taken from $SHARED_ENV_FILE"; return 0; }
+    fi
     need_root "no working PostgreSQL login in $ENV_FILE" "deploy/local/prereqs.sh (or: make deps)"
     local password
     password=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
@@ -163,7 +174,14 @@ ALTER ROLE $PG_ROLE WITH LOGIN CREATEDB NOSUPERUSER NOCREATEROLE PASSWORD '$pass
 SQL
     write_env_file "$password"
     pg_login_works || fail "the new role $PG_ROLE cannot log in on 127.0.0.1:$PG_PORT: check pg_hba.conf"
+    share_env_file
     echo "prereqs: PostgreSQL role $PG_ROLE ready; its password is in $ENV_FILE"
+}
+
+share_env_file() {
+    cmp -s "$ENV_FILE" "$SHARED_ENV_FILE" 2>/dev/null && return 0
+    mkdir -p "$(dirname "$SHARED_ENV_FILE")"
+    (umask 077 && cp "$ENV_FILE" "$SHARED_ENV_FILE.tmp" && mv "$SHARED_ENV_FILE.tmp" "$SHARED_ENV_FILE")
 }
 
 write_env_file() {
