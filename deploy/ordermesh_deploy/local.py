@@ -58,6 +58,7 @@ PASS_THROUGH = (
 )
 INSTANCE_PORT_STEP = 10  # payment-2 listens on 8012, payment-3 on 8022...
 ETCD_PROGRAM = "etcd"
+TIMELINE_WORKER = "order-timeline"  # the program of ``up --timeline-worker``
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432"
 PROBE_TIMEOUT = 1.5  # seconds per server probed, so a missing one is named within ~5 s
 _AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -76,6 +77,7 @@ class Stack:
     etcd_peer_port: int = 0
     db_prefix: str = "ordermesh"
     rabbitmq_vhost: str = ""  # created by `up` (and deleted by `down`) when set
+    timeline_worker: bool = False  # the order timeline consumer runs as a process of its own
     instances: dict[str, str] = field(default_factory=dict)  # program -> base URL
 
     @property
@@ -170,8 +172,21 @@ def supervisor_conf(
         parts.append(_program(ETCD_PROGRAM, _etcd_command(stack), {}, run, priority=10))
     for program, (service, port) in plan.items():
         env = _service_env(stack, service, port, log_level) | (secrets_env or {})
+        if service == "order" and stack.timeline_worker:
+            env["TIMELINE_CONSUMER"] = "off"
         parts.append(_program(program, f"{sys.executable} -m {service}", env, run, priority=50))
+    if stack.timeline_worker:
+        parts.append(_timeline_worker(stack, log_level, secrets_env or {}, run))
     return "\n".join(parts)
+
+
+def _timeline_worker(stack: Stack, log_level: str, secrets: dict[str, str], run: Path) -> str:
+    # The order service's settings, without a port: the worker serves no HTTP.
+    env = _service_env(stack, "order", 0, log_level) | secrets
+    del env["PORT"]
+    env["INSTANCE_ID"] = TIMELINE_WORKER
+    command = f"{sys.executable} -m order.timeline_worker"
+    return _program(TIMELINE_WORKER, command, env, run, priority=50)
 
 
 def _program(name: str, command: str, env: dict[str, str], run: Path, *, priority: int) -> str:
@@ -465,6 +480,7 @@ def _new_stack(args: argparse.Namespace, run_dir: Path) -> Stack:
         etcd_peer_port=peer,
         db_prefix=args.db_prefix,
         rabbitmq_vhost=args.rabbitmq_vhost,
+        timeline_worker=args.timeline_worker,
     )
 
 
@@ -595,6 +611,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="add this to every service port (e.g. 20000 for a second stack)",
+    )
+    up.add_argument(
+        "--timeline-worker",
+        action="store_true",
+        help="consume the event stream into the order timeline in a process of its own"
+        " (program order-timeline; the order instances run with TIMELINE_CONSUMER=off)",
     )
     up.add_argument("--timeout", type=float, default=60, help="seconds to wait for readiness")
     up.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from fastapi import FastAPI
 from ordermesh_shared.bootstrap import ServiceContext, ServiceSpec, Setup, create_service_app
 from ordermesh_shared.config import ServiceSettings
+from ordermesh_shared.messaging.consumer import ConsumerMetrics
 from ordermesh_shared.saga import SAGA_MIGRATIONS, SagaEngine, SagaMetrics, SagaPolicy
 from pydantic import Field
 
@@ -50,6 +51,14 @@ class OrderSettings(ServiceSettings):
             " replica, which POST /orders quotes from."
         ),
     )
+    timeline_consumer: Literal["inline", "off"] = Field(
+        "inline",
+        description=(
+            "inline: this instance consumes the event stream into the timeline; off: a"
+            " process of its own does (python -m order.timeline_worker), so the saga's event"
+            " loop does not apply every event of the platform."
+        ),
+    )
     max_in_flight_sagas: int = Field(
         64,
         ge=1,
@@ -82,8 +91,10 @@ def _saga_setup(settings: OrderSettings) -> Setup:
             admission = SagaAdmission(
                 engine, limit=settings.max_in_flight_sagas, registry=ctx.metrics.registry
             )
-            start_timeline(ctx)
-            catalogue = start_catalogue(ctx, refresh=settings.catalogue_refresh)
+            consumers = ConsumerMetrics(ctx.metrics.registry)  # one per registry
+            if settings.timeline_consumer == "inline":
+                start_timeline(ctx, consumers)
+            catalogue = start_catalogue(ctx, consumers, refresh=settings.catalogue_refresh)
             # What the routes get through order_runtime (kept by the bootstrap).
             yield OrderRuntime(engine, definition, settings.order_wait, admission, catalogue)
 

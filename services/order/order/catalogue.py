@@ -32,7 +32,7 @@ import orjson
 import structlog
 from ordermesh_shared.bootstrap import ServiceContext
 from ordermesh_shared.database import Database, DbConn
-from ordermesh_shared.messaging.consumer import EventConsumer, Subscription
+from ordermesh_shared.messaging.consumer import ConsumerMetrics, EventConsumer, Subscription
 from ordermesh_shared.messaging.envelope import Event
 from ordermesh_shared.messaging.topology import Topology
 from ordermesh_shared.resilience import UpstreamError
@@ -189,11 +189,12 @@ def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value is not None else None
 
 
-def start_catalogue(ctx: ServiceContext, *, refresh: float) -> CatalogueView:
-    """Consume, fill and mirror the replica for the life of the service."""
-    # No ConsumerMetrics: the service's one (made by the timeline) is not shared with us;
-    # a second one on the same registry would clash. Outcomes are in consumer.counts.
-    consumer = EventConsumer(ctx.db, ctx.broker, catalogue_subscription())
+def start_catalogue(
+    ctx: ServiceContext, metrics: ConsumerMetrics, *, refresh: float
+) -> CatalogueView:
+    """Consume, fill and mirror the replica for the life of the service (counted in the
+    service's ``metrics``)."""
+    consumer = EventConsumer(ctx.db, ctx.broker, catalogue_subscription(), metrics=metrics)
     ctx.tasks.supervise(consumer.run, name=f"consumer:{CATALOGUE_QUEUE}")
     fill = SnapshotFill(ctx.db, ctx.clients.inventory, consumer.subscribed)
     ctx.tasks.supervise(fill.run, name="catalogue-snapshot")

@@ -127,9 +127,8 @@ def timeline_subscription() -> Subscription:
     )
 
 
-def start_timeline(ctx: ServiceContext) -> EventConsumer:
+def start_timeline(ctx: ServiceContext, metrics: ConsumerMetrics) -> EventConsumer:
     """Consume the stream into the timeline for the life of the service."""
-    metrics = ConsumerMetrics(ctx.metrics.registry)  # the service's only consumer
     return start_consumer(ctx.db, ctx.broker, ctx.tasks, metrics, timeline_subscription())
 
 
