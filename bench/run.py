@@ -16,6 +16,8 @@ together mean much. Groups (``--only``):
                  (bench/failover.py)
 * ``goodput``    goodput at 2x saturation with load shedding on and off, in-flight sagas at a
                  sustainable rate (bench/goodput.py)
+* ``timeline_worker`` the timeline consumer in a process of its own against inline: saga
+                 throughput, CPU per order, p99 at 100/s (bench/timeline_worker.py)
 
 Every measured window of the platform records its backlog (outbox rows pending, messages
 queued: bench/backlog.py) at its start and end; a window whose backlog grew flags its
@@ -94,6 +96,12 @@ async def goodput_group(smoke: bool) -> list[Figure]:
     from bench import goodput
 
     return await goodput.measure(smoke=smoke)
+
+
+async def timeline_worker_group(smoke: bool) -> list[Figure]:
+    from bench import timeline_worker
+
+    return await timeline_worker.measure(smoke=smoke)
 
 
 async def failover_group(smoke: bool) -> list[Figure]:
@@ -283,6 +291,7 @@ GROUPS: dict[str, tuple[str, Group]] = {
     "relay": ("relay.py", relay_group),
     "failover": ("failover.py", failover_group),
     "goodput": ("goodput.py", goodput_group),
+    "timeline_worker": ("timeline_worker.py", timeline_worker_group),
 }
 
 

@@ -215,10 +215,14 @@ async def _execute(dsn: str, sql: str, *args: Any) -> None:
 
 @asynccontextmanager
 async def local_stack(
-    *, port_offset: int, scale: dict[str, int] | None = None, env: dict[str, str] | None = None
+    *,
+    port_offset: int,
+    scale: dict[str, int] | None = None,
+    env: dict[str, str] | None = None,
+    options: Sequence[str] = (),
 ) -> AsyncIterator[LocalStack]:
-    """``ordermesh-local up`` on fresh databases and a private RabbitMQ vhost; on exit
-    ``down``, drop the databases and the vhost, remove the run directory."""
+    """``ordermesh-local up`` (with ``options``) on fresh databases and a private RabbitMQ
+    vhost; on exit ``down``, drop the databases and the vhost, remove the run directory."""
     run_dir = Path(tempfile.mkdtemp(prefix="ordermesh-bench-")) / "run"
     prefix = f"om_bench_{uuid.uuid4().hex[:8]}"
     scaled = [f"--scale={s}={n}" for s, n in (scale or {}).items()]
@@ -233,6 +237,7 @@ async def local_stack(
                 f"--rabbitmq-url={amqp_url}",
                 "--timeout=90",
                 *scaled,
+                *options,
                 env=env,
             )
             try:
