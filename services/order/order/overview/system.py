@@ -38,7 +38,7 @@ log = structlog.get_logger(__name__)
 PARTICIPANTS = ("inventory", "payment", "shipping")
 SERVICES = ("order", *PARTICIPANTS)
 QUEUES = (TIMELINE_QUEUE, DEAD_LETTER_QUEUE)
-PROBE_TIMEOUT = 1.0  # seconds for any one reading: the page refreshes every 2 s
+PROBE_TIMEOUT = 1.0  # seconds for any one reading: the page asks again 1 s after each answer
 
 Known = Literal["ok", "unknown"]
 Health = Literal["ok", "degraded", "unavailable", "unknown"]
@@ -126,7 +126,8 @@ def read_breakers(clients: ServiceClient) -> BreakersView:
 
 async def read_services(ctx: ServiceContext) -> list[ServiceView]:
     """Every service's instances, leader and outbox, read concurrently."""
-    # Opened per refresh (every 2 s per open page): nothing worth keeping open between them.
+    # Opened per refresh (about every second per open page): nothing worth keeping open
+    # between them.
     async with (
         AiohttpEngine(pool_size=16) as engine,
         EtcdClient(ctx.settings.etcd_url, timeout=PROBE_TIMEOUT) as etcd,

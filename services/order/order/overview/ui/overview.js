@@ -6,7 +6,8 @@
 
 (() => {
   const TOKEN_KEY = "ordermesh.adminToken";
-  const POLL_MS = 2000;
+  // A second after each answer: a breaker that opens shows within about a second.
+  const POLL_MS = 1000;
   const byId = (id) => document.getElementById(id);
 
   function el(tag, attrs, ...children) {
