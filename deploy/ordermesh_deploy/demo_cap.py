@@ -622,7 +622,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--converge", type=float, default=20, help="most seconds to wait after a heal (20)"
     )
     parser.add_argument(
-        "--audit-timeout", type=float, default=45, help="seconds the audit waits for quiet (45)"
+        "--audit-timeout", type=float, default=30, help="seconds the audit waits for quiet (30)"
     )
     args = parser.parse_args(argv)
     if args.rate <= 0 or min(args.steady, args.cut, args.etcd_cut, args.converge) < 2:

@@ -56,7 +56,7 @@ def test_the_cap_demonstration_shows_both_columns_and_a_clean_audit(
 ) -> None:
     result = demo(
         "--target", "local", "--run-dir", str(cap_stack.run_dir), "--seed", "4",
-        "--steady", "2", "--cut", "6", "--etcd-cut", "4", "--audit-timeout", "40",
+        "--steady", "2", "--cut", "6", "--etcd-cut", "4", "--audit-timeout", "25",
     )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
