@@ -269,7 +269,9 @@ def _link(traceparent: str | None) -> Link | None:
 @contextmanager
 def publish_span(events: Sequence[_Outgoing], *, service: str) -> Iterator[trace.Span]:
     """The relay's span around publishing one batch: a trace of its own (a batch mixes
-    many orders), linked to each event's stored context.
+    many orders), linked to each event's stored context; and, in each event's own trace, a
+    ``send`` span (child of the context it was written in, linked to the batch), so an
+    order's trace shows its events leaving through the relay.
 
     >>> with publish_span(claim.events, service="order"):
     ...     confirms = await publisher.publish(claim.events)
@@ -291,7 +293,37 @@ def publish_span(events: Sequence[_Outgoing], *, service: str) -> Iterator[trace
         links=links,
         attributes=attributes,
     ) as span:
-        yield span
+        parents = [("send ordermesh.events", e.headers.get(TRACEPARENT)) for e in events]
+        with _in_each_trace(
+            "ordermesh.outbox", parents, batch=span, kind=SpanKind.PRODUCER, attributes=attributes
+        ):
+            yield span
+
+
+@contextmanager
+def _in_each_trace(
+    tracer_name: str,
+    parents: Sequence[tuple[str, str | None]],
+    *,
+    batch: trace.Span,
+    kind: SpanKind,
+    attributes: Attributes = None,
+) -> Iterator[None]:
+    """For a batch span of its own trace: a span (name, stored parent) in each event's trace,
+    linked to the batch and lasting as long, so each order's trace shows the step too."""
+    batch_link = [Link(batch.get_span_context())]
+    spans = [
+        tracer(tracer_name).start_span(
+            name, context=context, kind=kind, links=batch_link, attributes=attributes
+        )
+        for name, traceparent in parents
+        if (context := stored_context(traceparent)) is not None
+    ]
+    try:
+        yield
+    finally:
+        for span in spans:
+            span.end()
 
 
 @contextmanager
@@ -324,7 +356,8 @@ def consuming_span(event: _Event, *, queue: str = "") -> Iterator[trace.Span]:
 @contextmanager
 def consuming_batch_span(events: Sequence[_Event], *, queue: str = "") -> Iterator[trace.Span]:
     """A consumer's span around applying several events in one transaction: a trace of its
-    own (they come from many orders), linked to each event's stored context.
+    own (they come from many orders), linked to each event's stored context; and in each
+    event's trace a ``process`` span, as for an event applied alone.
 
     >>> with consuming_batch_span(new, queue="order.timeline"):
     ...     await subscription.batch_handler(conn, new)
@@ -346,7 +379,15 @@ def consuming_batch_span(events: Sequence[_Event], *, queue: str = "") -> Iterat
         links=links,
         attributes=attributes,
     ) as span:
-        yield span
+        parents = [(f"process {e.routing_key}", e.traceparent) for e in events]
+        with _in_each_trace(
+            "ordermesh.messaging",
+            parents,
+            batch=span,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        ):
+            yield span
 
 
 # -- the saga's spans --------------------------------------------------------------------------

@@ -610,5 +610,9 @@ async def test_a_consumer_continues_the_trace_the_event_was_written_in(
     published = [s for s in spans if s.kind == SpanKind.PRODUCER]
     assert consumed
     assert {s.context.trace_id for s in consumed if s.context} == {trace_id}
-    assert published  # the relay's batch: a trace of its own, linked to the event's
-    assert any(link.context.trace_id == trace_id for s in published for link in s.links)
+    batches = [s for s in published if s.name == "publish ordermesh.events"]
+    sends = [s for s in published if s.name == "send ordermesh.events"]
+    # The relay's batch: a trace of its own, linked to the event's...
+    assert any(link.context.trace_id == trace_id for s in batches for link in s.links)
+    # ...and in the event's trace, its send, linked to the batch.
+    assert [s.context.trace_id for s in sends if s.context] == [trace_id]

@@ -67,9 +67,13 @@ class Services:
 
 
 @asynccontextmanager
-async def four_services(vhost: str, exporter: InMemorySpanExporter) -> AsyncIterator[Services]:
-    """Order, inventory, payment and shipping, ready and registered, all traced."""
+async def four_services(
+    vhost: str, exporter: InMemorySpanExporter, *, relay: str = "off"
+) -> AsyncIterator[Services]:
+    """Order, inventory, payment and shipping, ready and registered, all traced (with
+    ``relay`` "standalone": each relays its outbox, and order consumes the timeline)."""
     registry = InMemoryRegistry()
+    options = SETTINGS | {"outbox_relay": relay}
     async with AsyncExitStack() as stack:
         dsns = {}
         for name, settings_cls, spec in PARTICIPANTS:
@@ -79,7 +83,7 @@ async def four_services(vhost: str, exporter: InMemorySpanExporter) -> AsyncIter
                 database_url=dsns[name],
                 rabbitmq_url=vhost,
                 port=listening.getsockname()[1],
-                **SETTINGS,
+                **options,
             )
             client = await stack.enter_async_context(
                 running(spec, settings, registry, tracing=traced(name, exporter))
@@ -88,7 +92,7 @@ async def four_services(vhost: str, exporter: InMemorySpanExporter) -> AsyncIter
             await wait_ready(client)
         dsns["order"] = await own_database(stack, "order")
         settings = OrderSettings(
-            database_url=dsns["order"], rabbitmq_url=vhost, order_wait=10.0, **SETTINGS
+            database_url=dsns["order"], rabbitmq_url=vhost, order_wait=10.0, **options
         )
         order = await stack.enter_async_context(
             running(order_spec(settings), settings, registry, tracing=traced("order", exporter))
@@ -191,6 +195,33 @@ async def test_one_order_is_one_trace_across_the_four_services(
     assert all(line["trace_id"] == trace_id and "span_id" in line for line in commands)
     (finished,) = [line for line in captured_logs if line["event"] == "saga.finished"]
     assert (finished["saga_id"], finished["trace_id"]) == (order_id, trace_id)
+
+
+async def test_an_orders_events_leave_and_arrive_in_its_trace(rabbit_vhost: str) -> None:
+    # Every service relays (standalone) and order's timeline consumer applies the events: the
+    # relay's send of each event and the consumer's processing of it are in the order's trace.
+    exporter = InMemorySpanExporter()
+    async with four_services(rabbit_vhost, exporter, relay="standalone") as services:
+        exporter.clear()
+        placed = await services.order.post("/orders", json=ORDER)
+        assert placed.json()["status"] == "completed", placed.json()
+        order_id = placed.json()["id"]
+        stored = await stored_traceparents(services.dsns)
+        expected = sum(len(rows) for rows in stored.values())
+        async with asyncio.timeout(15):
+            while len((await services.order.get(f"/orders/{order_id}/timeline")).json()) < expected:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)  # the consumer's spans end after its commit
+    spans = exporter.get_finished_spans()
+    (request,) = [s for s in spans if s.name == "POST /orders" and s.kind == SpanKind.SERVER]
+    in_trace = [s for s in spans if trace_hex(s) == trace_hex(request)]
+    sent = [s for s in in_trace if s.name == "send ordermesh.events"]
+    applied = [s for s in in_trace if s.kind == SpanKind.CONSUMER]
+    # Every service's relay (the services share this process, so the span's service is in
+    # its attributes rather than its resource).
+    assert {(s.attributes or {}).get("ordermesh.service") for s in sent} == set(stored)
+    assert len(sent) == expected
+    assert len(applied) >= expected  # the timeline's (the catalogue's too, for some)
 
 
 async def stored_traceparents(dsns: dict[str, str]) -> dict[str, list[str | None]]:
