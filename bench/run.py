@@ -18,6 +18,8 @@ together mean much. Groups (``--only``):
                  sustainable rate (bench/goodput.py)
 * ``timeline_worker`` the timeline consumer in a process of its own against inline: saga
                  throughput, CPU per order, p99 at 100/s (bench/timeline_worker.py)
+* ``tracing``    tracing's cost per order: spans exported to a local OTLP sink against tracing
+                 off (bench/tracing_cost.py)
 
 Every measured window of the platform records its backlog (outbox rows pending, messages
 queued: bench/backlog.py) at its start and end; a window whose backlog grew flags its
@@ -102,6 +104,12 @@ async def timeline_worker_group(smoke: bool) -> list[Figure]:
     from bench import timeline_worker
 
     return await timeline_worker.measure(smoke=smoke)
+
+
+async def tracing_group(smoke: bool) -> list[Figure]:
+    from bench import tracing_cost
+
+    return await tracing_cost.measure(smoke=smoke)
 
 
 async def failover_group(smoke: bool) -> list[Figure]:
@@ -292,6 +300,7 @@ GROUPS: dict[str, tuple[str, Group]] = {
     "failover": ("failover.py", failover_group),
     "goodput": ("goodput.py", goodput_group),
     "timeline_worker": ("timeline_worker.py", timeline_worker_group),
+    "tracing": ("tracing_cost.py", tracing_group),
 }
 
 

@@ -55,6 +55,10 @@ PASS_THROUGH = (
     "SAGA_DEADLINE",
     "SAGA_LEASE_TTL",
     "SAGA_STEP_TIMEOUT",
+    # Tracing to a collector of your own (e.g. a local Jaeger's OTLP port 4318).
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_TRACES_EXPORTER",
 )
 INSTANCE_PORT_STEP = 10  # payment-2 listens on 8012, payment-3 on 8022...
 ETCD_PROGRAM = "etcd"
