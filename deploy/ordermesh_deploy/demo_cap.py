@@ -51,6 +51,7 @@ from ordermesh_deploy.partition_local import CGROUP_DIR, LocalCutter, cgroup2_ro
 
 FIRST_CUT = (("inventory", "order"), ("inventory", "rabbitmq"))
 ETCD_CUT = ("etcd", partition.ALL)
+FILL_WAIT = 30.0  # seconds a cold catalogue replica is waited for before the demo starts
 CONVERGED_LAG = 2.0  # seconds: "back near 0" for lag_seconds once events flow again
 NOT_ROOT = (
     "demo-cap cuts the network with iptables and cgroups, which needs root:"
@@ -562,13 +563,21 @@ async def with_load(demo: Demo) -> float | None:
 
 
 async def pick_sku(http: httpx.AsyncClient, order_url: str, seed: int) -> str:
-    """A product the replica knows, chosen with the seed."""
-    catalogue = (await http.get(f"{order_url}/catalogue", timeout=5)).json()
-    skus = sorted(p["sku"] for p in catalogue["products"])
-    if not catalogue["staleness"]["filled"] or not skus:
-        raise SystemExit("order's catalogue replica is not filled yet: wait a moment, run again")
-    chosen: str = random.Random(seed).choice(skus)
-    return chosen
+    """A product the replica knows, chosen with the seed; a replica still cold (a stack just
+    started) is waited for, up to ``FILL_WAIT`` s."""
+    ends = time.monotonic() + FILL_WAIT
+    while True:
+        catalogue = (await http.get(f"{order_url}/catalogue", timeout=5)).json()
+        skus = sorted(p["sku"] for p in catalogue["products"])
+        if catalogue["staleness"]["filled"] and skus:
+            chosen: str = random.Random(seed).choice(skus)
+            return chosen
+        if time.monotonic() > ends:
+            raise SystemExit(
+                f"order's catalogue replica is still not filled after {FILL_WAIT:.0f} s:"
+                " is inventory up? (make status)"
+            )
+        await asyncio.sleep(0.5)
 
 
 def introduce(demo: Demo) -> None:

@@ -68,10 +68,11 @@ def test_the_cap_demonstration_shows_both_columns_and_a_clean_audit(
     lags = [float(row[1][3]) for row in cut]
     assert lags == sorted(lags), lags
     assert lags[-1] - lags[0] >= 4, lags
-    # CP: reserve_stock's failed attempts grow while no reservation is made.
+    # CP: reserve_stock's failed attempts grow while reservations stand still (one answered
+    # just before the cut may still be recorded during it).
     faults = [int(row[3][1]) for row in cut]
     assert faults[-1] > faults[0], out
-    assert len({row[3][0] for row in cut[1:]}) == 1, out
+    assert int(cut[-1][3][0]) - int(cut[0][3][0]) <= 1, out
     assert re.search(r"^ok +during the cut reserve_stock failed [1-9]\d* attempts", out, re.M)
 
     # After the heal the changed price arrives and the lag is back near 0.
