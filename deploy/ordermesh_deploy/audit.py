@@ -280,8 +280,11 @@ async def quiescent(db: Connections) -> bool:
             "SELECT count(*) FROM outbox WHERE published_at IS NULL AND quarantined_at IS NULL"
         )
     published = sum([await c.fetchval("SELECT count(*) FROM outbox") for c in db.values()])
-    # Consumers lag the relay by a moment: quiet means the timeline caught up as well.
-    applied = await db["order"].fetchval("SELECT count(*) FROM order_timeline")
+    # Consumers lag the relay by a moment: quiet means the timeline's consumer caught up as
+    # well (its inbox: events of no order, like product_changed, get no timeline row).
+    applied = await db["order"].fetchval(
+        "SELECT count(*) FROM inbox WHERE consumer = $1", TIMELINE_CONSUMER
+    )
     return pending == 0 and waiting == 0 and applied >= published
 
 

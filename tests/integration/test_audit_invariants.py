@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 from inventory.app import SPEC as INVENTORY
 from order.app import MIGRATIONS as ORDER_MIGRATIONS
-from ordermesh_deploy.audit import audit, render
+from ordermesh_deploy.audit import audit, quiescent, render
 from ordermesh_shared.database import Database, MigrationSet, prepare_database
 from ordermesh_shared.saga import SAGA_MIGRATIONS
 from payment.app import SPEC as PAYMENT
@@ -181,6 +181,15 @@ class World:
             await self.parked_saga(order_id, step="create_shipment", error=error)
         return order_id
 
+    async def quiet(self) -> bool:
+        """Whether the audit would find nothing left to wait for."""
+        connections = {s: await asyncpg.connect(url) for s, url in self.urls.items()}
+        try:
+            return await quiescent(connections)
+        finally:
+            for conn in connections.values():
+                await conn.close()
+
     async def violations(self) -> dict[str, int]:
         """invariant -> violations, for the invariants that do not hold."""
         findings = await audit(self.urls, within=0)
@@ -324,6 +333,13 @@ async def test_an_event_of_no_order_needs_no_timeline_row(world: World) -> None:
     event_id = await world.published("inventory", uuid.uuid4(), "product_changed")
     await world.received(event_id, "inventory")
     assert await world.violations() == {}
+    assert await world.quiet()  # nothing left to wait for: the audit does not wait it out
+
+
+async def test_an_event_not_yet_applied_is_waited_for(world: World) -> None:
+    await world.completed()
+    await world.published("inventory", uuid.uuid4(), "product_changed")
+    assert not await world.quiet()
 
 
 async def test_events_applied_out_of_order_are_reported(world: World) -> None:
