@@ -130,6 +130,7 @@ def _dns_registry(settings: ServiceSettings) -> Registry:
         settings.dns_server,
         domain=settings.dns_domain,
         port_name=settings.dns_port_name,
+        name_suffix=settings.dns_name_suffix,
         registrar=registrar,
     )
 

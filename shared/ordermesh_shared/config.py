@@ -55,6 +55,12 @@ class ServiceSettings(BaseSettings):
     )
     dns_domain: str = Field("service.consul", description="Domain of <service>.<domain> SRV.")
     dns_port_name: str = Field("", description="Ask _<name>._tcp.<service>.<domain> (k8s).")
+    # A DNS label's characters only: it becomes part of one label of the query name.
+    dns_name_suffix: str = Field(
+        "",
+        pattern=r"^[a-z0-9-]{0,40}$",
+        description="Appended to <service> in the SRV name (k8s headless Service: -peers).",
+    )
     dns_register: Literal["consul", "none"] = Field(
         "consul", description="Who registers: Consul's HTTP API, or none (the platform)."
     )

@@ -58,3 +58,26 @@ def test_names_asked_for_consul_and_for_a_kubernetes_headless_service() -> None:
     assert kubernetes._qname("payment") == dns.name.from_text(
         "_http._tcp.payment.ordermesh.svc.cluster.local."
     )
+
+
+def test_a_name_suffix_reaches_a_headless_service_named_apart_from_the_clusterip_one() -> None:
+    registry = make_registry(
+        settings(
+            registry="dns",
+            dns_register="none",
+            dns_domain="ordermesh.svc.cluster.local",
+            dns_port_name="http",
+            dns_name_suffix="-peers",
+        )
+    )
+
+    assert isinstance(registry, DnsRegistry)
+    assert registry._qname("payment") == dns.name.from_text(
+        "_http._tcp.payment-peers.ordermesh.svc.cluster.local."
+    )
+
+
+@pytest.mark.parametrize("bad", ["-peers.ordermesh", "_peers", "-Peers", "x" * 41])
+def test_a_name_suffix_outside_one_dns_label_is_a_settings_error(bad: str) -> None:
+    with pytest.raises(ValidationError, match="dns_name_suffix"):
+        settings(dns_name_suffix=bad)

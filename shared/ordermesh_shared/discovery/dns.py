@@ -1,8 +1,9 @@
 """DNS backend of the :class:`~ordermesh_shared.discovery.base.Registry` port: SRV lookups.
 
-Discovery asks a DNS server for ``<service>.<domain>`` SRV records (Consul's DNS interface
-answers ``payment.service.consul``; a Kubernetes headless Service answers
-``_http._tcp.payment.<namespace>.svc.cluster.local`` when ``port_name="http"``) and takes each
+Discovery asks a DNS server for ``<service><suffix>.<domain>`` SRV records (Consul's DNS
+interface answers ``payment.service.consul``; a Kubernetes headless Service ``payment-peers``
+answers ``_http._tcp.payment-peers.<namespace>.svc.cluster.local`` when ``port_name="http"``
+and ``name_suffix="-peers"``) and takes each
 target's address from the answer's additional A/AAAA records, or asks for them when the server
 left them out. Queries go over TCP: Consul trims UDP answers to three random records, which
 would hide the other instances.
@@ -126,7 +127,9 @@ class DnsRegistry:
 
     ``server`` is ``host:port`` (a host name is resolved once, on entry); empty means the
     system's resolvers (``/etc/resolv.conf``, as in a Kubernetes pod). ``timeout`` bounds each
-    lookup in seconds. Instances get the id ``<service>-<host>-<port>`` and no metadata.
+    lookup in seconds. ``name_suffix`` is appended to the service's name in the query only
+    (a headless Service beside the ClusterIP one needs a name of its own). Instances get the id
+    ``<service>-<host>-<port>`` and no metadata.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class DnsRegistry:
         *,
         domain: str = "service.consul",
         port_name: str = "",
+        name_suffix: str = "",
         registrar: Registrar | None = None,
         timeout: float = 2.0,
         min_ttl: float = 1.0,
@@ -145,6 +149,7 @@ class DnsRegistry:
             raise ValueError("timeout must be > 0 and 0 < min_ttl <= max_ttl")
         self._domain = dns.name.from_text(domain)
         self._port_name = port_name
+        self._name_suffix = name_suffix
         self._registrar = registrar
         self._timeout = timeout
         self._ttl_bounds = (min_ttl, max_ttl)
@@ -232,7 +237,8 @@ class DnsRegistry:
         return resolver
 
     def _qname(self, service: str) -> dns.name.Name:
-        labels = [f"_{self._port_name}", "_tcp", service] if self._port_name else [service]
+        name = service + self._name_suffix
+        labels = [f"_{self._port_name}", "_tcp", name] if self._port_name else [name]
         return dns.name.Name(labels).concatenate(self._domain)
 
     async def _query(
