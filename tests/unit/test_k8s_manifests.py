@@ -28,7 +28,9 @@ from inventory.app import InventorySettings
 from inventory.app import create_app as inventory_app
 from order.app import OrderSettings
 from order.app import create_app as order_app
+from ordermesh_shared.bootstrap import make_registry
 from ordermesh_shared.config import ServiceSettings
+from ordermesh_shared.discovery.dns import DnsRegistry
 from payment.app import PaymentSettings
 from payment.app import create_app as payment_app
 from shipping.app import ShippingSettings
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 BASE = K8S / "base"
 LOCAL = K8S / "overlays" / "local"
+DNS_OVERLAY = K8S / "overlays" / "dns"
 KUBERNETES_VERSION = "1.30.0"
 Doc = dict[str, Any]
 
@@ -256,9 +259,13 @@ def service_container(service: str) -> Doc:
     return next(c for c in pod_spec(deployment)["containers"] if c["name"] == service)
 
 
-def settings_from(container: Doc, settings_cls: type[ServiceSettings]) -> ServiceSettings:
-    """The settings the service would read from this container's literal env and ConfigMap."""
+def settings_from(
+    container: Doc, settings_cls: type[ServiceSettings], *, overlay: Doc | None = None
+) -> ServiceSettings:
+    """The settings the service would read from this container's literal env and ConfigMap
+    (the base's, with an overlay's ConfigMap patch ``overlay`` over it)."""
     config = named(base_docs(), "ConfigMap", "ordermesh-config")["data"]
+    config = {**config, **(overlay or {})}
     literal = {v["name"]: v["value"] for v in container.get("env", []) if "value" in v}
     env = {**config, **literal}
     fields = {k.lower(): v for k, v in env.items() if k.lower() in settings_cls.model_fields}
@@ -358,19 +365,72 @@ def test_etcd_keeps_its_data_on_persistent_volumes() -> None:
     assert "data" in claims
 
 
+# --- DNS discovery: headless Services and the dns overlay -----------------------------------
+
+
+def peers_service(service: str) -> Doc:
+    return named(base_docs(), "Service", f"{service}-peers")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_headless_service_selects_the_same_pods_as_the_clusterip_one(service: str) -> None:
+    headless, clusterip = peers_service(service)["spec"], named(base_docs(), "Service", service)
+    assert headless["clusterIP"] == "None"
+    assert "clusterIP" not in clusterip["spec"]
+    # A pod is answered only while ready, as an instance is registered only while ready.
+    assert headless["publishNotReadyAddresses"] is False
+    assert headless["selector"] == clusterip["spec"]["selector"]
+    pods = named(base_docs(), "Deployment", service)["spec"]["template"]["metadata"]["labels"]
+    assert _selects({"matchLabels": headless["selector"]}, pods)
+    [port] = headless["ports"]
+    assert port == clusterip["spec"]["ports"][0]
+    assert port["name"] == "http"
+
+
+def dns_overlay_config() -> dict[str, str]:
+    [patch] = listed_patches(DNS_OVERLAY)
+    doc = named(load_all(patch), "ConfigMap", "ordermesh-config")
+    data: dict[str, str] = doc["data"]
+    return data
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_dns_overlay_asks_for_the_headless_services(service: str) -> None:
+    settings_cls, _ = SERVICES[service]
+    overlay = dns_overlay_config()
+    settings = settings_from(service_container(service), settings_cls, overlay=overlay)
+    registry = make_registry(settings)
+    assert isinstance(registry, DnsRegistry)
+    assert registry._registrar is None  # the platform registers: ready pods are answered
+    namespace = kustomization(LOCAL)["namespace"]
+    assert listed_resources(DNS_OVERLAY) == [LOCAL.resolve()]
+    port = peers_service(service)["spec"]["ports"][0]["name"]
+    name = f"_{port}._tcp.{service}-peers.{namespace}.svc.cluster.local."
+    assert registry._qname(service).to_text() == name
+    assert settings.etcd_url  # still there: locks, fencing tokens and elections need etcd
+
+
 # --- the rendered overlay ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rendered_local() -> list[Doc]:
+def render(overlay: Path) -> list[Doc]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("no kubectl on PATH to render the overlay; its files are checked one by one")
     result = subprocess.run(
-        [kubectl, "kustomize", str(LOCAL)], capture_output=True, text=True, timeout=60, check=False
+        [kubectl, "kustomize", str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered_local() -> list[Doc]:
+    return render(LOCAL)
 
 
 def test_rendered_overlay_validates_and_stays_hardened(rendered_local: list[Doc]) -> None:
@@ -380,3 +440,18 @@ def test_rendered_overlay_validates_and_stays_hardened(rendered_local: list[Doc]
     for workload in workloads(rendered_local):
         assert pod_problems(workload) == []
     assert named(rendered_local, "Deployment", "order")["spec"]["replicas"] >= 2
+
+
+def test_rendered_dns_overlay_switches_only_the_registry() -> None:
+    rendered, local = render(DNS_OVERLAY), render(LOCAL)
+    for doc in rendered:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    config = named(rendered, "ConfigMap", "ordermesh-config")["data"]
+    before = named(local, "ConfigMap", "ordermesh-config")["data"]
+    assert config == {**before, **dns_overlay_config()}
+    assert [d for d in rendered if d["kind"] != "ConfigMap"] == [
+        d for d in local if d["kind"] != "ConfigMap"
+    ]
+    peers = [d for d in rendered if d["metadata"]["name"].endswith("-peers")]
+    assert {d["metadata"].get("namespace") for d in peers} == {kustomization(LOCAL)["namespace"]}
+    assert len(peers) == len(SERVICES)
