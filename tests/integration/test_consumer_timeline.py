@@ -18,6 +18,7 @@ from asgi_lifespan import LifespanManager
 from order.app import MIGRATIONS, OrderSettings
 from order.timeline import start_timeline, timeline_router
 from ordermesh_shared.bootstrap import ServiceContext, ServiceSpec, create_service_app
+from ordermesh_shared.messaging.consumer import ConsumerMetrics
 from ordermesh_shared.messaging.envelope import OutgoingEvent, encode_event
 from ordermesh_shared.messaging.topology import Topology, declare_events_exchange
 
@@ -34,7 +35,7 @@ class TimelineSettings(OrderSettings):
 
 @asynccontextmanager
 async def _start_timeline(ctx: ServiceContext) -> AsyncIterator[None]:
-    start_timeline(ctx)
+    start_timeline(ctx, ConsumerMetrics(ctx.metrics.registry))
     yield
 
 
