@@ -124,15 +124,6 @@ async def test_happy_path_reaches_every_participant(
         ),
         (
             {
-                "customer_id": "bob",
-                "items": [{"sku": "NOPE-1", "quantity": 1}],
-                "destination": "DE",
-            },
-            "unknown_sku",
-            [],
-        ),
-        (
-            {
                 "customer_id": "nobody",
                 "items": [{"sku": "KB-101", "quantity": 1}],
                 "destination": "DE",
@@ -170,6 +161,28 @@ async def test_business_failures_compensate_and_cancel(
             await http.get(f"{e2e_stack.url('inventory')}/reservations/{order['id']}")
         ).json()
         assert reservation["status"] == "released"
+
+
+async def test_an_unknown_sku_is_refused_before_any_saga_once_the_catalogue_is_filled(
+    http: httpx.AsyncClient, e2e_stack: RunningStack
+) -> None:
+    # Order quotes from its catalogue replica: filled (from inventory's snapshot), it knows
+    # every SKU, so an unknown one is refused at the door. (Cold, the saga finds out at
+    # inventory: tests/integration/test_catalogue.py.)
+    order_url = e2e_stack.url("order")
+    async with asyncio.timeout(20):
+        while not (await http.get(f"{order_url}/catalogue")).json()["staleness"]["filled"]:
+            await asyncio.sleep(0.2)
+    # POST /orders quotes from the instance's in-memory copy, refreshed every
+    # CATALOGUE_REFRESH (0.5 s): it may trail GET /catalogue by that much.
+    await asyncio.sleep(1.0)
+    before = len((await http.get(f"{order_url}/orders", params={"limit": 100})).json()["orders"])
+    body = {"customer_id": "bob", "items": [{"sku": "NOPE-1", "quantity": 1}], "destination": "DE"}
+    response = await http.post(f"{order_url}/orders", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["reason"] == "unknown_sku"
+    after = len((await http.get(f"{order_url}/orders", params={"limit": 100})).json()["orders"])
+    assert after == before
 
 
 async def test_same_key_twenty_times_concurrently_is_one_order(
