@@ -10,10 +10,8 @@ on loopback ports, so order reads the snapshot and reserves through the real Ser
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +22,6 @@ import aio_pika
 import aio_pika.exceptions
 import httpx
 import pytest
-import uvicorn
 from inventory.app import SPEC as INVENTORY
 from inventory.app import InventorySettings
 from order.app import OrderSettings, order_spec
@@ -45,7 +42,8 @@ from shipping.app import ShippingSettings
 
 from tests.support.apps import context_of, running, wait_ready
 from tests.support.fakes import InMemoryRegistry
-from tests.support.postgres import create_database, drop_database
+from tests.support.http_serving import loopback_socket, serving
+from tests.support.postgres import database_for_the_stack
 
 pytestmark = pytest.mark.integration
 
@@ -318,7 +316,7 @@ async def services(rabbit_vhost: str, **order_settings: Any) -> AsyncIterator[St
 async def start_order(
     stack: AsyncExitStack, vhost: str, registry: InMemoryRegistry, **settings: Any
 ) -> httpx.AsyncClient:
-    dsn = await own_database(stack, "order")
+    dsn = await database_for_the_stack(stack, "om_cat_order")
     options = {**COMMON, "order_wait": 10.0, **settings}
     order_settings = OrderSettings(database_url=dsn, rabbitmq_url=vhost, **options)
     return await stack.enter_async_context(
@@ -334,7 +332,7 @@ async def participant(
     registry: InMemoryRegistry,
 ) -> httpx.AsyncClient:
     """A participant serving HTTP on a loopback port, which it registers when ready."""
-    dsn = await own_database(stack, spec.name)
+    dsn = await database_for_the_stack(stack, f"om_cat_{spec.name}")
     listening = stack.enter_context(loopback_socket())
     port = listening.getsockname()[1]
     settings = settings_cls(database_url=dsn, rabbitmq_url=vhost, port=port, **COMMON)
@@ -342,40 +340,3 @@ async def participant(
     await stack.enter_async_context(serving(client, listening))
     await wait_ready(client)
     return client
-
-
-async def own_database(stack: AsyncExitStack, service: str) -> str:
-    name = f"om_cat_{service}_{uuid.uuid4().hex[:8]}"
-    dsn = await create_database(name)
-    stack.push_async_callback(drop_database, name)
-    return dsn
-
-
-@contextlib.contextmanager
-def loopback_socket() -> Iterator[socket.socket]:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock
-
-
-class _InTestServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # pytest owns SIGINT
-
-
-@asynccontextmanager
-async def serving(client: httpx.AsyncClient, sock: socket.socket) -> AsyncIterator[None]:
-    """Serve the app behind ``client`` (its lifespan already running) over real HTTP."""
-    transport: httpx.ASGITransport = client.app_transport  # type: ignore[attr-defined]
-    config = uvicorn.Config(
-        transport.app, lifespan="off", log_config=None, log_level="warning", access_log=False
-    )
-    server = _InTestServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="participant-http")
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        await task

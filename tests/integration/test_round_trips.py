@@ -21,9 +21,6 @@ chance. Three orders are measured and must cost the same. ``pytest -s`` prints t
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +29,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 from inventory.app import SPEC as INVENTORY
 from inventory.app import InventorySettings
 from order.app import OrderSettings, order_spec
@@ -48,8 +44,9 @@ from shipping.app import ShippingSettings
 
 from tests.support.apps import context_of, running, wait_ready
 from tests.support.fakes import InMemoryRegistry
+from tests.support.http_serving import loopback_socket, serving
 from tests.support.pg_proxy import CountingPgProxy, RoundTrip
-from tests.support.postgres import create_database, drop_database
+from tests.support.postgres import database_for_the_stack
 
 pytestmark = pytest.mark.integration
 
@@ -274,7 +271,7 @@ async def four_services(vhost: str) -> AsyncIterator[Services]:
     database through its own counting proxy."""
     registry = InMemoryRegistry()
     async with AsyncExitStack() as stack:
-        dsns = {s: await own_database(stack, s) for s in SERVICES}
+        dsns = {s: await database_for_the_stack(stack, f"om_rt_{s}") for s in SERVICES}
         proxies = {s: await stack.enter_async_context(CountingPgProxy(dsns[s])) for s in SERVICES}
         clients = {
             name: await participant(stack, spec, settings_cls, proxies[name].dsn, vhost, registry)
@@ -322,13 +319,6 @@ async def all_ready(clients: dict[str, httpx.AsyncClient], registry: InMemoryReg
             await asyncio.sleep(0.05)
 
 
-async def own_database(stack: AsyncExitStack, service: str) -> str:
-    name = f"om_rt_{service}_{uuid.uuid4().hex[:8]}"
-    dsn = await create_database(name)
-    stack.push_async_callback(drop_database, name)
-    return dsn
-
-
 async def relay_of(
     stack: AsyncExitStack, client: httpx.AsyncClient, dsn: str
 ) -> tuple[OutboxRelay, CountingPgProxy]:
@@ -340,34 +330,3 @@ async def relay_of(
     await db.migrate()  # nothing to apply: the service migrated its database
     service = ctx.instance.service
     return OutboxRelay(db, ctx.broker, service=service, fence=relay_fence(service)), proxy
-
-
-@contextlib.contextmanager
-def loopback_socket() -> Iterator[socket.socket]:
-    """A listening socket on a free loopback port (bound before the service learns it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock
-
-
-class _InTestServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # pytest owns SIGINT; a server inside a test must not take it over
-
-
-@asynccontextmanager
-async def serving(client: httpx.AsyncClient, sock: socket.socket) -> AsyncIterator[None]:
-    """Serve the app behind ``client`` (its lifespan already running) over real HTTP."""
-    transport: httpx.ASGITransport = client.app_transport  # type: ignore[attr-defined]
-    config = uvicorn.Config(
-        transport.app, lifespan="off", log_config=None, log_level="warning", access_log=False
-    )
-    server = _InTestServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="participant-http")
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        await task

@@ -46,7 +46,7 @@ from shipping.app import ShippingSettings
 from tests.support.apps import running, wait_ready
 from tests.support.fakes import InMemoryRegistry
 from tests.support.http_serving import loopback_socket, serving
-from tests.support.postgres import create_database, drop_database
+from tests.support.postgres import database_for_the_stack
 from tests.support.sagas import FAST, Trip, World
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ async def four_services(
     async with AsyncExitStack() as stack:
         dsns = {}
         for name, settings_cls, spec in PARTICIPANTS:
-            dsns[name] = await own_database(stack, name)
+            dsns[name] = await database_for_the_stack(stack, f"om_tr_{name}")
             listening = stack.enter_context(loopback_socket())
             settings = settings_cls(
                 database_url=dsns[name],
@@ -90,7 +90,7 @@ async def four_services(
             )
             await stack.enter_async_context(serving(client, listening))
             await wait_ready(client)
-        dsns["order"] = await own_database(stack, "order")
+        dsns["order"] = await database_for_the_stack(stack, "om_tr_order")
         settings = OrderSettings(
             database_url=dsns["order"], rabbitmq_url=vhost, order_wait=10.0, **options
         )
@@ -106,13 +106,6 @@ async def four_services(
 
 def traced(service: str, exporter: InMemorySpanExporter) -> Tracing:
     return Tracing(service=service, instance_id=f"{service}-1", exporter=exporter, batch=False)
-
-
-async def own_database(stack: AsyncExitStack, service: str) -> str:
-    name = f"om_tr_{service}_{uuid.uuid4().hex[:8]}"
-    dsn = await create_database(name)
-    stack.push_async_callback(drop_database, name)
-    return dsn
 
 
 @pytest.fixture

@@ -10,15 +10,12 @@ refuses and inventory refuses to release: compensation_failed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
-import uvicorn
 from aiohttp import web
 from order.app import OrderSettings, order_spec
 from order.app_state import order_runtime
@@ -26,6 +23,7 @@ from pydantic import SecretStr
 
 from tests.support.apps import context_of, running, wait_ready
 from tests.support.fakes import InMemoryRegistry
+from tests.support.http_serving import loopback_socket, serving
 from tests.support.participants import FakeParticipants
 
 ADMIN_TOKEN = "overview-admin-token"
@@ -132,27 +130,10 @@ async def overview_app(
         yield OverviewApp(client, participants, registry, settings)
 
 
-class _InTestServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # pytest owns SIGINT; a server inside a test must not take it over
-
-
 @asynccontextmanager
 async def serving_http(client: httpx.AsyncClient) -> AsyncIterator[str]:
     """Serve the app behind ``client`` (its lifespan already running) over real HTTP on a
     free loopback port; yields its base URL (for a browser)."""
-    transport: httpx.ASGITransport = client.app_transport  # type: ignore[attr-defined]
-    config = uvicorn.Config(
-        transport.app, lifespan="off", log_config=None, log_level="warning", access_log=False
-    )
-    server = _InTestServer(config)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        task = asyncio.create_task(server.serve(sockets=[sock]), name="overview-http")
-        try:
+    with loopback_socket() as sock:
+        async with serving(client, sock):
             yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
-            await task

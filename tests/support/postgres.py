@@ -14,6 +14,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 
 import asyncpg
 import pytest
@@ -41,6 +42,14 @@ async def create_database(name: str) -> str:
     finally:
         await conn.close()
     return dsn_for(name)
+
+
+async def database_for_the_stack(stack: AsyncExitStack, prefix: str) -> str:
+    """A fresh database named ``<prefix>_<random>``, dropped when ``stack`` closes; its DSN."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    dsn = await create_database(name)
+    stack.push_async_callback(drop_database, name)
+    return dsn
 
 
 async def drop_database(name: str) -> None:

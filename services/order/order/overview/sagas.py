@@ -13,6 +13,8 @@ import orjson
 from ordermesh_shared.database import DbConn
 from pydantic import BaseModel, Field
 
+from order.api import SagaStep
+
 # Bounds on what one refresh reads: the page polls every few seconds.
 IN_FLIGHT_LIMIT = 100
 PARKED_LIMIT = 50
@@ -33,18 +35,6 @@ _SAGAS = (
 )
 
 
-class StepView(BaseModel):
-    """One entry of a saga's step log."""
-
-    step: str = Field(examples=["charge_payment"])
-    direction: Literal["forward", "compensate"]
-    status: Literal["started", "succeeded", "rejected", "failed"]
-    attempts: int
-    last_error: str | None
-    started_at: datetime
-    finished_at: datetime | None
-
-
 class SagaView(BaseModel):
     """A saga and its step timeline; a parked one names the admin call that retries it."""
 
@@ -60,7 +50,7 @@ class SagaView(BaseModel):
     retry_url: str | None = Field(
         description="POST here with X-Admin-Token to retry the compensation (parked only)."
     )
-    steps: list[StepView]
+    steps: list[SagaStep]
 
 
 class SagasView(BaseModel):
@@ -126,5 +116,5 @@ def saga_view(row: Any, retry_path: RetryPath) -> SagaView:
         **fields,
         parked=is_parked,
         retry_url=retry_path(fields["id"]) if is_parked else None,
-        steps=[StepView(**step) for step in steps],
+        steps=[SagaStep(**step) for step in steps],
     )
