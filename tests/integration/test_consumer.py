@@ -304,15 +304,22 @@ async def _counted(consumer: EventConsumer, settled: int) -> bool:
 async def test_acknowledgements_are_gathered_and_none_is_lost(
     db: Database, broker: Broker, channel: AbstractChannel
 ) -> None:
-    # 200 events published at once: acknowledged in far fewer frames than messages, and
-    # after a restart of the consumer nothing comes back (every one was acknowledged).
+    # 200 events waiting in the queue when the consumer starts (a backlog, as after a
+    # restart): acknowledged in far fewer frames than messages, and after a restart of the
+    # consumer nothing comes back (every one was acknowledged). Published while a consumer
+    # ran, the count would depend on how fast the publisher is next to the consumer.
     events = [outgoing({"n": n}, aggregate=f"t{n % 16}") for n in range(200)]
+    async with consuming(db, broker):
+        pass  # declares the queue and its bindings
+    await asyncio.gather(*(publish(channel, encode_event(e, service="shop")) for e in events))
     async with consuming(db, broker) as consumer:
-        await asyncio.gather(*(publish(channel, encode_event(e, service="shop")) for e in events))
         await eventually(lambda: _counted(consumer, 200))
         await asyncio.sleep(0.2)  # the last frames leave
     assert consumer.counts == {"applied": 200}
-    assert consumer.ack_frames <= 100, consumer.ack_frames  # one per message before
+    # One frame per message before. How many runs get gathered depends on how the lanes'
+    # commits interleave (69 to 162 frames in runs here), so this only asserts that some
+    # were; tests/unit/test_acks.py pins the gathering rule itself.
+    assert consumer.ack_frames < len(events), consumer.ack_frames
     async with consuming(db, broker) as again:
         await asyncio.sleep(1.0)  # an unacknowledged message would be redelivered now
     assert again.counts == {}
