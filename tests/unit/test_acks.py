@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aio_pika.abc import AbstractIncomingMessage
-
 from ordermesh_shared.messaging.acks import AckWindow
 
 
