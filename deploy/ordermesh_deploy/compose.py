@@ -259,10 +259,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     print(f"every container is healthy ({time.monotonic() - started:.0f} s after `up`):")
     print(compose("ps", capture=True).stdout, end="")
-    print("order API: http://localhost:8000  (try: curl -s localhost:8000/health/ready)")
-    print("RabbitMQ UI: http://127.0.0.1:15672 (admin; password RABBITMQ_ADMIN_PASSWORD in .env)")
-    print("Consul UI: http://127.0.0.1:8500/ui" + " (the API double: no UI)" * offline)
+    order, rabbit, consul = (
+        published_port(name, env) for name in ("ORDER_PORT", "RABBITMQ_UI_PORT", "CONSUL_PORT")
+    )
+    print(f"order API: http://localhost:{order}  (try: curl -s localhost:{order}/health/ready)")
+    print(
+        f"RabbitMQ UI: http://127.0.0.1:{rabbit} (admin; password RABBITMQ_ADMIN_PASSWORD in .env)"
+    )
+    print(f"Consul UI: http://127.0.0.1:{consul}/ui" + " (the API double: no UI)" * offline)
     return 0
+
+
+DEFAULT_PORTS = {"ORDER_PORT": "8000", "RABBITMQ_UI_PORT": "15672", "CONSUL_PORT": "8500"}
+
+
+def published_port(variable: str, dotenv: dict[str, str]) -> str:
+    """A fixed host port as compose fills it in: the shell's variable, else .env's, else the
+    default in docker-compose.yml."""
+    return os.environ.get(variable) or dotenv.get(variable) or DEFAULT_PORTS[variable]
 
 
 def cmd_down(args: argparse.Namespace) -> int:
