@@ -44,7 +44,7 @@ import structlog
 
 from ordermesh_shared.coordination.errors import StaleToken
 from ordermesh_shared.coordination.fencing import current_token, fence
-from ordermesh_shared.database import Database, DbConn
+from ordermesh_shared.database import Database, DbConn, loopback_ssl
 from ordermesh_shared.messaging.envelope import OutgoingEvent
 from ordermesh_shared.messaging.failures import ConnectionSource, is_transient
 from ordermesh_shared.messaging.publisher import BatchOutcome, EventPublisher, describe
@@ -620,7 +620,7 @@ class _RecentIds:
 
 
 async def _listen_until_closed(dsn: str, notified: Callable[[str], None]) -> None:
-    conn = await asyncpg.connect(dsn, timeout=3)
+    conn = await asyncpg.connect(dsn, timeout=3, ssl=loopback_ssl(dsn))
     closed = asyncio.Event()
     try:
         conn.add_termination_listener(lambda _c: closed.set())
