@@ -244,7 +244,8 @@ async def run_scenario(
         run_load(url, rate=scenario.rate, duration=scenario.duration, seed=seed),
         scenario.fault(target),
     )
-    say(f"load done: {load.summary().splitlines()[0]}; waiting for the platform to settle")
+    sent, _, errors = load.summary().splitlines()  # orders and refusals; latency is not news
+    say(f"load done: {sent}; {errors}; waiting for the platform to settle")
     final = await settle(url, load.order_ids, within=60)
     say("final statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(final.items())))
     # Found again: a container killed or restarted by the fault publishes new host ports.

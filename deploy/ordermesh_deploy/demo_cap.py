@@ -15,11 +15,17 @@ The story (about 40-60 s with the defaults; root, for the partitions):
    order instance stands (local: in its cgroup; compose: inside its container), takes and
    releases an etcd lock every second: held before, refused during, held again after
    (CP), while catalogue reads still answer (AP).
-5. the load stops, the auditor checks every invariant, the price is set back.
+5. the load stops. On compose, a payment instance is killed while two views of its
+   membership are read side by side: the watch-fed registry cache (Consul's blocking
+   queries) drops it within a health check, DNS (SRV records with a 5 s TTL) keeps it until
+   its cached answer runs out (``demo_dns``). The local stack registers in etcd, which
+   answers no DNS: there the phase says so and is skipped.
+6. the auditor checks every invariant, the price is set back.
 
 Exit status 0 when every expectation held (reads answered with a growing lag, reservations
-refused during the cut, the replica converged, the lock refused during the etcd cut, the
-audit clean); 1 otherwise, naming what did not happen.
+refused during the cut, the replica converged, the lock refused during the etcd cut, DNS
+dropping the dead instance no sooner than the watch, the audit clean); 1 otherwise, naming
+what did not happen.
 
     sudo -E make demo-cap
     sudo -E uv run python -m ordermesh_deploy.demo_cap --seed 7 --cut 6 --etcd-cut 4
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import subprocess
@@ -43,9 +50,10 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import structlog
 from ordermesh_shared.admin import ADMIN_TOKEN_HEADER
 
-from ordermesh_deploy import audit, load, lock_probe, partition, stacks
+from ordermesh_deploy import audit, demo_dns, load, lock_probe, partition, stacks
 from ordermesh_deploy.partition_compose import ComposeCutter
 from ordermesh_deploy.partition_local import CGROUP_DIR, LocalCutter, cgroup2_root
 
@@ -537,6 +545,7 @@ async def run(args: argparse.Namespace, stack: stacks.Endpoints) -> int:
                 expect_converged(demo, took),
                 expect_lock_refused(demo),
             ]
+            expectations.extend(await dns_phase(stack))
             clean = await audited(databases, args.audit_timeout)
             await set_price(http, demo.inventory_url, demo.sku, demo.old_price, demo.token)
             print(f"(price of {demo.sku} set back to {demo.old_price:.2f})")
@@ -560,6 +569,16 @@ async def with_load(demo: Demo) -> float | None:
         finally:
             stop.set()
             demo.say("load stopped; waiting for the last orders' answers")
+
+
+async def dns_phase(stack: stacks.Endpoints) -> list[Expectation]:
+    """Compose: DNS membership beside the watch-fed cache as an instance dies (none on the
+    local stack, whose registry answers no DNS)."""
+    if not isinstance(stack, stacks.ComposeEndpoints):
+        print(f"\n{demo_dns.SKIPPED_LOCAL}")
+        return []
+    outcome = await demo_dns.phase(stack.refresh())
+    return [Expectation(outcome.ok, outcome.summary())]
 
 
 async def pick_sku(http: httpx.AsyncClient, order_url: str, seed: int) -> str:
@@ -618,7 +637,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " cut from order and from RabbitMQ (catalogue reads answered with a growing lag, orders"
         " accepted, reservations refused, a price changed at inventory), healed (the replica"
         " converges), then etcd cut from everyone (an etcd lock refused, catalogue reads still"
-        " answered); then the audit, and the price is set back."
+        " answered); on compose, a payment instance killed while the watch-fed registry and DNS"
+        " (its TTL) are read side by side; then the audit, and the price is set back."
         " Needs root (iptables, cgroups). Exit 1 when an expectation or an invariant failed.",
     )
     stacks.add_target_arguments(parser)
@@ -652,6 +672,8 @@ def require_root() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     require_root()
+    # The rows show every change; the registries' own log lines would break the table up.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     stack = stacks.find_or_exit(args.target, run_dir=args.run_dir)
     try:
         sys.exit(asyncio.run(run(args, stack)))

@@ -20,6 +20,7 @@ FILES = ("docker-compose.yml", stack.OFFLINE_FILE)
 PORT_VARIABLES = (
     "ORDER_PORT",
     "CONSUL_PORT",
+    "CONSUL_DNS_PORT",
     "RABBITMQ_UI_PORT",
     "PROMETHEUS_PORT",
     "JAEGER_UI_PORT",
