@@ -166,6 +166,12 @@ class Recorded:
     answer: Answer
     event: Event | None
     notify: bool = True  # False: the relay here leads; the writer rings Database.bell instead
+    # The event's payload as JSON values, made once: both ctes() and args need it.
+    _payload: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        payload = jsonable_encoder(self.event.payload) if self.event is not None else None
+        object.__setattr__(self, "_payload", payload)
 
     def ctes(self, after: str, first: int) -> str:
         """The CTEs, as ``name AS (...)`` joined by commas (no leading WITH or comma)."""
@@ -187,7 +193,7 @@ class Recorded:
             event.aggregate_type,
             event.aggregate_id,
             event.event_type,
-            jsonable_encoder(event.payload),
+            self._payload,
             after=after,
             first=first,
             notify=self.notify,
