@@ -13,6 +13,7 @@ while it is ready, and on shutdown deregisters first and then closes everything 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -342,8 +343,13 @@ def run_service(factory: Callable[[Any], FastAPI], settings_cls: type[ServiceSet
     configure_logging(
         service=settings.service_name, instance_id=settings.instance_id, level=settings.log_level
     )
+    app = factory(settings)
+    # Every module, route and model is built by now and lives as long as the process: out of
+    # the collector's sight, a full collection no longer walks them all again (the cyclic GC
+    # was 1.5-3% of a service's CPU under the saga bench).
+    gc.freeze()
     uvicorn.run(
-        factory(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
