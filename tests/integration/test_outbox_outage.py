@@ -21,6 +21,7 @@ from ordermesh_shared.outbox.relay import OutboxRelay, RelaySettings, SoleLeader
 from ordermesh_shared.outbox.store import Backoff
 
 from tests.support.rabbitmq import PrivateRabbit
+from tests.support.watchdog import stacks_printed_after
 
 pytestmark = pytest.mark.integration
 
@@ -156,7 +157,12 @@ async def test_broker_stopped_while_events_flow(
 async def test_database_connections_cut_while_events_flow(
     fresh_database: str, rabbit_vhost: str
 ) -> None:
-    async with event_flow(fresh_database, rabbit_vhost) as (db, consumer):
+    # It hung once in a full run (pytest-timeout's 120 s, after the three cuts): if it does
+    # again, the output shows where each task was.
+    async with (
+        stacks_printed_after(80),
+        event_flow(fresh_database, rabbit_vhost) as (db, consumer),
+    ):
         producer = asyncio.create_task(produce(fresh_database, count=EVENTS, rate=RATE))
         for _ in range(3):  # what a Postgres restart does to the relay's and consumer's links
             await asyncio.sleep(0.4)
