@@ -175,10 +175,11 @@ def loopback_ssl(dsn: str) -> bool | None:
     """``False`` (no TLS) for a DSN on this machine that does not choose an ``sslmode``; else
     ``None``, asyncpg's own default (``prefer``: TLS whenever the server offers it).
 
-    TLS over loopback protects nothing that the machine's own users could not read anyway,
-    and costs both ends on every round trip: with Postgres's default ``ssl = on`` it was
-    ~2-3% of each service's CPU plus the server's side. A DSN or ``PGSSLMODE`` that names a
-    mode is obeyed as written.
+    Loopback traffic never leaves the kernel (whoever could read it could read the processes'
+    memory too), yet TLS costs both ends on every round trip: with Debian's ``ssl = on`` it
+    was ~2-3% of each service's CPU plus the server's side. A DSN or ``PGSSLMODE`` that names
+    a mode is obeyed as written; a DSN without a host is judged by ``PGHOST``, as asyncpg
+    connects there.
     """
     if os.environ.get("PGSSLMODE"):
         return None
@@ -186,8 +187,9 @@ def loopback_ssl(dsn: str) -> bool | None:
     query = parse_qs(parts.query)
     if "sslmode" in query or "ssl" in query:
         return None
-    hosts = query.get("host") or [parts.hostname or ""]
-    return False if all(_is_local(host) for host in hosts) else None
+    hosts = query.get("host") or [parts.hostname or os.environ.get("PGHOST", "")]
+    named = [h for entry in hosts for h in entry.split(",")]
+    return False if all(_is_local(host) for host in named) else None
 
 
 def _is_local(host: str) -> bool:

@@ -11,10 +11,12 @@ from ordermesh_shared.database import loopback_ssl
         "postgresql://u@localhost/orders",
         "postgresql://u@[::1]:5432/orders",
         "postgresql:///orders?host=/var/run/postgresql",
+        "postgresql:///orders",
     ],
 )
 def test_a_dsn_on_this_machine_goes_without_tls(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PGSSLMODE", raising=False)
+    monkeypatch.delenv("PGHOST", raising=False)
     assert loopback_ssl(dsn) is False
 
 
@@ -31,9 +33,18 @@ def test_a_remote_or_chosen_mode_keeps_asyncpgs_default(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PGSSLMODE", raising=False)
+    monkeypatch.delenv("PGHOST", raising=False)
     assert loopback_ssl(dsn) is None
 
 
 def test_pgsslmode_is_obeyed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGSSLMODE", "require")
     assert loopback_ssl("postgresql://u@127.0.0.1/orders") is None
+
+
+def test_a_dsn_without_a_host_is_judged_by_pghost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    monkeypatch.setenv("PGHOST", "db.example.org")
+    assert loopback_ssl("postgresql:///orders") is None
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    assert loopback_ssl("postgresql:///orders") is False
