@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 from ordermesh_shared.commands import ANSWER_COLUMNS, ANSWER_FROM, Loaded, Recorded, stored_answer
 from ordermesh_shared.database import DbConn
-from ordermesh_shared.outbox.store import NOTIFY_CHANNEL
+from ordermesh_shared.outbox.store import NOTIFY_CHANNEL, traced_json
 
 from inventory.domain import Reservation, ReservedLine, Stock
 
@@ -34,17 +34,18 @@ PRODUCT_CHANGED = "product_changed"
 _FACTS = "p.sku, p.name, p.price, p.available, p.version"
 
 
-def _product_events(changed: str) -> str:
+def _product_events(changed: str, headers: int) -> str:
     """CTE ``product_events``: one product_changed outbox row (aggregate: the SKU) per row the
-    CTE ``changed`` returned (:data:`_FACTS`, after the change). The change's UPDATE holds
-    the product's row lock until commit, so per SKU the outbox ids, like the versions, follow
-    commit order."""
+    CTE ``changed`` returned (:data:`_FACTS`, after the change), with parameter ``headers``
+    (:func:`traced_json`: the trace the change happened in) as their headers. The change's
+    UPDATE holds the product's row lock until commit, so per SKU the outbox ids, like the
+    versions, follow commit order."""
     return (
         "product_events AS (INSERT INTO outbox (event_id, aggregate_type, aggregate_id,"
-        f" event_type, payload) SELECT gen_random_uuid(), 'product', c.sku, '{PRODUCT_CHANGED}',"
-        " jsonb_build_object('sku', c.sku, 'name', c.name, 'price', c.price::text,"
-        "   'available', c.available, 'version', c.version)"
-        f" FROM {changed} c ORDER BY c.sku RETURNING id)"
+        " event_type, payload, headers) SELECT gen_random_uuid(), 'product', c.sku,"
+        f" '{PRODUCT_CHANGED}', jsonb_build_object('sku', c.sku, 'name', c.name,"
+        "   'price', c.price::text, 'available', c.available, 'version', c.version),"
+        f" ${headers}::jsonb FROM {changed} c ORDER BY c.sku RETURNING id)"
     )
 
 
@@ -54,7 +55,7 @@ async def set_price(conn: DbConn, sku: str, price: Decimal) -> asyncpg.Record | 
     no event."""
     return await conn.fetchrow(
         "WITH changed AS (UPDATE products p SET price = $2, version = p.version + 1"
-        f"   WHERE p.sku = $1 AND p.price <> $2 RETURNING p.*), {_product_events('changed')},"
+        f"   WHERE p.sku = $1 AND p.price <> $2 RETURNING p.*), {_product_events('changed', 3)},"
         # Selected below so that it runs: the relay wakes up at commit.
         f" woken AS (SELECT pg_notify('{NOTIFY_CHANNEL}', id::text) FROM product_events)"
         f" SELECT {_PRODUCT_COLUMNS}, (SELECT count(*) FROM woken) AS notified FROM changed"
@@ -63,6 +64,7 @@ async def set_price(conn: DbConn, sku: str, price: Decimal) -> asyncpg.Record | 
         "   WHERE sku = $1 AND NOT EXISTS (SELECT 1 FROM changed)",
         sku,
         price,
+        traced_json(),
     )
 
 
@@ -146,6 +148,8 @@ async def insert_reservation(conn: DbConn, reservation: Reservation, recorded: R
     statement. Lost race (stock taken or a price changed since the load, or the order got a
     reservation meanwhile): nothing is written, and the command runs again."""
     lines = reservation.lines
+    recorded_args = recorded.args
+    headers = 8 + len(recorded_args)  # the parameter after the recorded ones
     await conn.execute(
         "WITH opened AS (INSERT INTO reservations (id, order_id, status) VALUES ($1, $2, $3)"
         "   RETURNING id),"
@@ -156,7 +160,7 @@ async def insert_reservation(conn: DbConn, reservation: Reservation, recorded: R
         " taken AS (UPDATE products p SET available = p.available - w.quantity,"
         "   reserved = p.reserved + w.quantity, version = p.version + 1 FROM wanted w, opened"
         "   WHERE p.sku = w.sku AND p.available >= w.quantity AND p.price = w.unit_price"
-        f"   RETURNING {_FACTS}), {_product_events('taken')},"
+        f"   RETURNING {_FACTS}), {_product_events('taken', headers)},"
         " items AS (INSERT INTO reservation_items (reservation_id, sku, quantity, unit_price)"
         "   SELECT opened.id, w.sku, w.quantity, w.unit_price FROM opened, wanted w),"
         f" {recorded.ctes('opened', 8)}"
@@ -169,7 +173,8 @@ async def insert_reservation(conn: DbConn, reservation: Reservation, recorded: R
         [line.quantity for line in lines],
         [line.unit_price for line in lines],
         len(lines),
-        *recorded.args,
+        *recorded_args,
+        traced_json(),
     )
 
 
@@ -189,7 +194,9 @@ async def settle_reservation(conn: DbConn, reservation: Reservation, recorded: R
     statement. Lost race (it is no longer reserved): nothing is written; the command reruns."""
     bucket = _BUCKET[reservation.status]
     version, facts = _MOVED_FACTS[bucket]
-    events = f" {_product_events('moved')}," if facts else ""
+    recorded_args = recorded.args
+    headers = 5 + len(recorded_args)  # the parameter after the recorded ones, when used
+    events = f" {_product_events('moved', headers)}," if facts else ""
     await conn.execute(
         "WITH settled AS (UPDATE reservations SET status = $2, updated_at = now()"
         "   WHERE id = $1 AND status = 'reserved' RETURNING id),"
@@ -204,5 +211,6 @@ async def settle_reservation(conn: DbConn, reservation: Reservation, recorded: R
         reservation.status,
         [line.sku for line in reservation.lines],
         [line.quantity for line in reservation.lines],
-        *recorded.args,
+        *recorded_args,
+        *([traced_json()] if facts else []),
     )

@@ -142,6 +142,12 @@ async def add_event(
     return event_id
 
 
+def traced_json() -> str:
+    """The ``headers`` JSON of an event written by a statement of its own: the current
+    span's ``traceparent`` when in a trace, else ``{}``."""
+    return orjson.dumps(traced(None)).decode()
+
+
 def traced(headers: Mapping[str, str] | None) -> dict[str, str]:
     """``headers`` with the current span's ``traceparent`` (when in a trace and not given)."""
     stored = dict(headers or {})
@@ -189,7 +195,7 @@ def event_ctes(
         f" LIMIT 1 RETURNING id), woken AS (SELECT {wake} FROM event)"
     )
     body = orjson.dumps(payload, default=str).decode()
-    headers = orjson.dumps(traced(None)).decode()
+    headers = traced_json()
     return sql, [event_id, aggregate_type, aggregate_id, event_type, body, headers]
 
 
