@@ -74,7 +74,7 @@ demo-lock:  ## workers share a lock; a holder is SIGSTOPped past its TTL; its la
 demo-breaker:  ## a flaky payment instance opens the breaker; clearing the fault closes it
 	$(RUN) python -m ordermesh_deploy.demo_breaker
 
-demo-cap:  ## as root, under load: inventory, then etcd, cut off; what answers, what refuses; heal; audit
+demo-cap:  ## as root, under load: inventory, then etcd, cut off; what answers, what refuses; heal; DNS vs watch (compose); audit
 	$(RUN) python -m ordermesh_deploy.demo_cap $(TARGET_ARG)
 
 bench:  ## the benchmarks (14-19 minutes; not part of CI): table + bench/results/latest.json
