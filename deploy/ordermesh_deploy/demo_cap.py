@@ -577,7 +577,10 @@ async def dns_phase(stack: stacks.Endpoints) -> list[Expectation]:
     if not isinstance(stack, stacks.ComposeEndpoints):
         print(f"\n{demo_dns.SKIPPED_LOCAL}")
         return []
-    outcome = await demo_dns.phase(stack.refresh())
+    try:
+        outcome = await demo_dns.phase(stack.refresh())
+    except (stacks.StackError, subprocess.CalledProcessError) as exc:  # one line, no traceback
+        return [Expectation(False, f"DNS phase: {exc}")]
     return [Expectation(outcome.ok, outcome.summary())]
 
 

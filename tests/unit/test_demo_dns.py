@@ -3,7 +3,13 @@ verdict, and the rows it prints."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+from ordermesh_deploy import stacks
+from ordermesh_deploy.demo_cap import dns_phase
 from ordermesh_deploy.demo_dns import Outcome, Sample, render
+from ordermesh_deploy.stacks import ComposeEndpoints, Container
 
 DEAD, LIVE = "payment-1", "payment-2"
 
@@ -48,3 +54,15 @@ def test_rows_point_at_staleness_both_ways() -> None:
     )
     row = render(Sample(6.0, (), ()), DEAD)
     assert row.split() == ["6.0", "-", "-"]
+
+
+def test_no_running_instance_is_one_failed_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stopped = Container(id="c1", project="p", service="payment", number=1, state="exited")
+    # The phase looks at the containers again first (no docker here).
+    monkeypatch.setattr(stacks, "project_containers", lambda project: [stopped])
+    outcome = asyncio.run(dns_phase(ComposeEndpoints([stopped])))
+    assert [(e.ok, e.text) for e in outcome] == [
+        (False, "DNS phase: no payment container is running: make status")
+    ]
