@@ -260,7 +260,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"every container is healthy ({time.monotonic() - started:.0f} s after `up`):")
     print(compose("ps", capture=True).stdout, end="")
     order, rabbit, consul = (
-        published_port(name, env) for name in ("ORDER_PORT", "RABBITMQ_UI_PORT", "CONSUL_PORT")
+        published_port(*where) for where in (("order", 8000), ("rabbitmq", 15672), ("consul", 8500))
     )
     print(f"order API: http://localhost:{order}  (try: curl -s localhost:{order}/health/ready)")
     print(
@@ -270,13 +270,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_PORTS = {"ORDER_PORT": "8000", "RABBITMQ_UI_PORT": "15672", "CONSUL_PORT": "8500"}
-
-
-def published_port(variable: str, dotenv: dict[str, str]) -> str:
-    """A fixed host port as compose fills it in: the shell's variable, else .env's, else the
-    default in docker-compose.yml."""
-    return os.environ.get(variable) or dotenv.get(variable) or DEFAULT_PORTS[variable]
+def published_port(service: str, port: int) -> str:
+    """The host port ``service``'s ``port`` is published on, as compose itself reports it
+    (``ORDER_PORT`` and the others, from the shell or .env, already applied)."""
+    answer = compose("port", service, str(port), check=False, capture=True).stdout.strip()
+    return answer.rpartition(":")[2] or "?"
 
 
 def cmd_down(args: argparse.Namespace) -> int:
