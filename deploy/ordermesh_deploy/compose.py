@@ -157,12 +157,28 @@ def compose_command() -> list[str]:
     raise SystemExit("docker compose not found: apt-get install docker-compose (or the v2 plugin)")
 
 
+def compose_environment() -> dict[str, str]:
+    """The environment compose commands run in: the shell's, without the stack's secrets.
+
+    Compose prefers a shell variable to the one in .env. A SERVICE_TOKEN_SECRET left in a
+    shell (the local stack's, sourced for a test run) would reach only the containers that
+    command starts: a payment replica added by ``scale`` would then refuse every token the
+    running order service signs. .env is the one source of the stack's secrets.
+    """
+    return {name: value for name, value in os.environ.items() if name not in SECRET_NAMES}
+
+
 def compose(
     *args: str, check: bool = True, capture: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run a compose command in the repository root (so it reads .env)."""
     return subprocess.run(
-        [*compose_command(), *args], cwd=ROOT, check=check, text=True, capture_output=capture
+        [*compose_command(), *args],
+        cwd=ROOT,
+        env=compose_environment(),
+        check=check,
+        text=True,
+        capture_output=capture,
     )
 
 

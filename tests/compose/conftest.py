@@ -48,7 +48,10 @@ def compose_env() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def docker_compose_command() -> str:
-    return " ".join(stack.compose_command())
+    # pytest-docker runs this through a shell with the test's environment, which holds a
+    # SERVICE_TOKEN_SECRET of the test's own (tests/conftest.py): .env's must win.
+    unset = " ".join(f"-u {name}" for name in stack.SECRET_NAMES)
+    return f"env {unset} " + " ".join(stack.compose_command())
 
 
 @pytest.fixture(scope="session")

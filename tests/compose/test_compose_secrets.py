@@ -1,7 +1,11 @@
-"""`make up` with the secrets gone but the data kept: one line saying so, nothing started.
+"""The stack's secrets come from .env, and only from there.
 
-A fresh .env holds fresh passwords, which would not open databases and a broker initialised
+`make up` with the secrets gone but the data kept says so in one line and starts nothing: a
+fresh .env holds fresh passwords, which would not open databases and a broker initialised
 with the old ones (every service then fails to log in and never turns healthy).
+
+A secret in the shell does not reach the containers: compose prefers the shell's variable to
+.env's, so a replica started from a shell that holds one would distrust the rest of the stack.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml  # type: ignore[import-untyped,unused-ignore]
 from ordermesh_deploy import compose as stack
 
 from tests.support.compose import docker_engine_available
@@ -44,3 +49,14 @@ def test_up_without_env_but_with_old_volumes_refuses_in_one_line(
     assert orphan_volume in out
     assert f"docker volume rm {orphan_volume}" in out
     assert not stack.ENV_FILE.exists()  # no new passwords written over the old ones' absence
+
+
+def test_a_secret_in_the_shell_does_not_override_the_stacks(
+    compose_env: dict[str, str], service_token_secret: str
+) -> None:
+    # tests/conftest.py put a SERVICE_TOKEN_SECRET of this test's own into the environment.
+    assert service_token_secret != compose_env["SERVICE_TOKEN_SECRET"]
+    resolved = yaml.safe_load(stack.compose("config", capture=True).stdout)
+    for service in stack.SERVICES:
+        environment = resolved["services"][service]["environment"]
+        assert environment["SERVICE_TOKEN_SECRET"] == compose_env["SERVICE_TOKEN_SECRET"], service

@@ -53,7 +53,12 @@ def compose(*args: str, check: bool = True) -> str:
     for file in FILES:
         command += ["-f", file]
     result = subprocess.run(
-        [*command, *args], cwd=stack.ROOT, capture_output=True, text=True, check=False
+        [*command, *args],
+        cwd=stack.ROOT,
+        env=stack.compose_environment(),
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"compose {' '.join(args)} failed: {result.stderr[-2000:]}")
