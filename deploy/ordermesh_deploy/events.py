@@ -136,6 +136,13 @@ class Tail:
                 await queue.bind(exchange, pattern)
             # no_ack: a read-only view of the stream; this queue's copies matter to nobody.
             await queue.consume(self._show, no_ack=True)
+            # Said once the queue is bound: every event published after this line is shown.
+            print(
+                f"tailing {self._args.exchange} {' '.join(self._args.patterns)}"
+                f" at {local.redact(self._args.url)} (^C stops)",
+                file=sys.stderr,
+                flush=True,
+            )
             await self.done.wait()
 
     async def _show(self, message: AbstractIncomingMessage) -> None:
@@ -160,10 +167,6 @@ async def _main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, tail.done.set)
-    print(
-        f"tailing {args.exchange} {' '.join(args.patterns)} at {local.redact(args.url)} (^C stops)",
-        file=sys.stderr,
-    )
     await tail.run()
 
 

@@ -36,7 +36,9 @@ def test_the_cap_demonstration_shows_dns_going_stale(order_api: str) -> None:
     assert "<- DNS stale: callers would still pick it" in output, output[-3000:]
     verdict = re.search(r"^ok +payment-1 killed: .* DNS after ([\d.]+) s", output, re.M)
     assert verdict, output[-3000:]
-    assert float(verdict.group(1)) <= 5 + 3  # the TTL, a health check and a row's step
+    # Within two TTLs (5 s) and a row's step: the lookup just before the kill may be followed
+    # by one made before the failed health check is seen, cached for a TTL again.
+    assert float(verdict.group(1)) <= 2 * 5 + 3
 
 
 @pytest.mark.parametrize("scenario", PARTITIONS)

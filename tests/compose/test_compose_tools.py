@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -30,13 +29,19 @@ README_ORDER = {
 }
 
 
+def tool_environment() -> dict[str, str]:
+    """The test project in place of .env's, and no registry probe: `reset` restarts the stack
+    from the images built here, whatever Docker Hub answers."""
+    test_project = {"COMPOSE_PROJECT_NAME": PROJECT, "COMPOSE_FILE": ":".join(FILES)}
+    return os.environ | test_project | {"ORDERMESH_OFFLINE": "1"}
+
+
 def tool(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``python -m ordermesh_deploy.<module> --target compose ...`` on the test project."""
-    env = os.environ | {"COMPOSE_PROJECT_NAME": PROJECT, "COMPOSE_FILE": ":".join(FILES)}
     return subprocess.run(
         [sys.executable, "-m", f"ordermesh_deploy.{module}", "--target", "compose", *args],
         cwd=stack.ROOT,
-        env=env,
+        env=tool_environment(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -109,17 +114,26 @@ def test_load_audit_and_the_event_tail_find_the_stack(three_payments: str) -> No
     assert "final statuses:" in load.stdout
     audit = tool("audit", "--timeout", "60")
     assert audit.returncode == 0, audit.stdout + audit.stderr
+    command = [sys.executable, "-m", "ordermesh_deploy.events", "--target", "compose"]
     with subprocess.Popen(
-        [sys.executable, "-m", "ordermesh_deploy.events", "--target", "compose", "--count", "1"],
+        [*command, "--count", "1", "order.created"],
         cwd=stack.ROOT,
-        env=os.environ | {"COMPOSE_PROJECT_NAME": PROJECT, "COMPOSE_FILE": ":".join(FILES)},
+        env=tool_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     ) as tail:
-        time.sleep(5)  # compose ps, then the tail's queue is bound
-        place(three_payments, {**README_ORDER, "items": [{"sku": "CB-404", "quantity": 1}]})
-        out, err = tail.communicate(timeout=30)
+        try:
+            # The tail says "tailing ..." once its queue is bound: the order is placed after.
+            assert tail.stderr is not None
+            said = [tail.stderr.readline()]
+            while said[-1] and not said[-1].startswith("tailing "):
+                said.append(tail.stderr.readline())
+            assert said[-1], "the tail ended before it was ready:\n" + "".join(said)
+            place(three_payments, {**README_ORDER, "items": [{"sku": "CB-404", "quantity": 1}]})
+            out, err = tail.communicate(timeout=30)
+        finally:
+            tail.kill()
     assert tail.returncode == 0, err
     assert "order.created" in out
 

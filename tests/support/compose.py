@@ -6,6 +6,7 @@ apart from a user's ``ordermesh`` stack; its fixed host ports move to free ones 
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -40,11 +41,29 @@ def docker(*args: str) -> None:
     subprocess.run(["docker", *args], check=True, capture_output=True)
 
 
-def free_port() -> int:
+# Below Linux's ephemeral range (32768-60999), where Docker's own allocator hands out the
+# stack's other published ports: a port picked there could be taken by `up` before the order
+# container, which starts last, publishes it.
+_FIXED_PORT_RANGE = range(20000, 32000)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different ports nothing listens on (loopback or any address), outside the
+    ephemeral range."""
+    candidates = random.sample(_FIXED_PORT_RANGE, 200)
+    ports = [p for p in candidates if _bindable(p, "127.0.0.1") and _bindable(p, "0.0.0.0")]
+    if len(ports) < count:
+        raise AssertionError(f"not {count} free ports in {_FIXED_PORT_RANGE} of 200 tried")
+    return ports[:count]
+
+
+def _bindable(port: int, host: str) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def compose(*args: str, check: bool = True) -> str:
