@@ -288,3 +288,35 @@ async def test_a_saga_taken_over_after_a_crash_continues_its_stored_trace(
     assert resumed.parent.span_id == context.span_id
     steps = [s.name for s in exporter.get_finished_spans() if s.name.startswith("forward ")]
     assert steps == ["forward hotel", "forward car"]
+
+
+async def test_a_saga_written_with_its_order_continues_the_trace_after_dying_unstarted(
+    fresh_database: str,
+) -> None:
+    """The order service's path (the saga's row a CTE of the order's statement): a process
+    that died between that commit and the first step leaves the trace in the row."""
+    exporter = InMemorySpanExporter()
+    definition = World().definition()
+    async with traced("order", exporter), Database(fresh_database) as db:
+        await db.migrate(SAGA_MIGRATIONS)
+        died = SagaEngine(db.pool, owner="a", definitions=[definition], policy=FAST)
+        with tracer("test").start_as_current_span("POST /orders") as request:
+            saga_id = uuid.uuid4()
+            prepared = died.prepare(definition, saga_id, Trip("Lisbon"))
+            ctes, args = prepared.ctes("header", 1)
+            await db.pool.execute(f"WITH header AS (SELECT 1), {ctes} SELECT 1", *args)
+        await db.pool.execute("UPDATE sagas SET lease_until = now() - interval '1 s'")
+        exporter.clear()
+        async with SagaEngine(db.pool, owner="b", definitions=[definition], policy=FAST):
+            async with asyncio.timeout(5):
+                while (
+                    await db.pool.fetchval("SELECT status FROM sagas WHERE id = $1", saga_id)
+                    == "running"
+                ):
+                    await asyncio.sleep(0.02)
+    (resumed,) = [s for s in exporter.get_finished_spans() if s.name == "saga trip"]
+    context = request.get_span_context()
+    assert resumed.context is not None
+    assert resumed.context.trace_id == context.trace_id
+    assert resumed.parent is not None
+    assert resumed.parent.span_id == context.span_id

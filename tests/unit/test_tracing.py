@@ -310,6 +310,32 @@ async def test_a_saga_resumed_after_a_crash_continues_its_original_trace(
     assert metrics.recovered._value.get() == 1
 
 
+async def test_a_saga_whose_process_died_before_its_first_step_continues_its_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    world = World()
+    definition = world.definition()
+    store = InMemorySagaStore()
+    crashed = SagaEngine(None, owner="a", definitions=[definition], policy=FAST, store=store)
+    with tracing.tracer("test").start_as_current_span("POST /orders") as request:
+        saga_id = uuid.uuid4()
+        await crashed.create(None, definition, saga_id, Trip("Lisbon"))
+    # Never launched: the process died between the commit and the saga's first step.
+    store.sagas[saga_id].lease_until = 0.0
+    async with SagaEngine(None, owner="b", definitions=[definition], policy=FAST, store=store):
+        async with asyncio.timeout(5):
+            while store.sagas[saga_id].status == "running":
+                await asyncio.sleep(0.01)
+    resumed = named(spans, "saga trip")
+    assert trace_of(resumed) == request.get_span_context().trace_id
+    assert parent_of(resumed) == span_id(request)
+    assert [s.name for s in spans_of(spans, "forward ")] == [
+        "forward flight",
+        "forward hotel",
+        "forward car",
+    ]
+
+
 async def test_a_parked_saga_counts_its_reason_and_the_retries_of_its_undo() -> None:
     world = World()
     world.failures["car"] = [StepFailed("no_cars", "none left")]

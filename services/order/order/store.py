@@ -40,8 +40,9 @@ async def place_order(
     """
     saga_sql, saga_args = saga.ctes("header", 9)
     payload = {"order_id": str(order_id), **request.model_dump(mode="json")}
+    after_saga = 9 + len(saga_args)
     event_sql, event_args = event_ctes(
-        uuid.uuid4(), "order", str(order_id), "created", payload, after="header", first=14
+        uuid.uuid4(), "order", str(order_id), "created", payload, after="header", first=after_saga
     )
     inserted = await conn.fetchval(
         "WITH header AS (INSERT INTO orders"

@@ -156,11 +156,17 @@ class SagaEngine:
     ) -> SagaRow:
         """Persist a new saga in the caller's transaction; :meth:`launch` it after commit
         (passing the row returned here saves re-reading it)."""
-        payload = definition.encode(value)
+        row = self._new_row(definition, saga_id, value)
         await self._store.insert(
-            conn, saga_id, definition.name, payload, owner=self.owner, ttl=self.policy.lease_ttl
+            conn,
+            saga_id,
+            definition.name,
+            row.input,
+            owner=self.owner,
+            ttl=self.policy.lease_ttl,
+            traceparent=row.traceparent,
         )
-        return SagaRow(saga_id, definition.name, "running", dict(payload), {}, 0, None, value)
+        return row
 
     def prepare(
         self, definition: SagaDefinition[Any], saga_id: uuid.UUID, value: Any
@@ -168,9 +174,18 @@ class SagaEngine:
         """A new saga as part of the caller's own statement (Postgres store only): embed
         ``ctes(after, first)`` and ``args``, then :meth:`launch` ``row`` once it committed.
         It saves the round trips of a transaction around :meth:`create`."""
-        payload = definition.encode(value)
-        row = SagaRow(saga_id, definition.name, "running", dict(payload), {}, 0, None, value)
-        return PreparedSaga(row, self.owner, self.policy.lease_ttl)
+        return PreparedSaga(
+            self._new_row(definition, saga_id, value), self.owner, self.policy.lease_ttl
+        )
+
+    @staticmethod
+    def _new_row(definition: SagaDefinition[Any], saga_id: uuid.UUID, value: Any) -> SagaRow:
+        # Stored with the row, the creating request's trace outlives a crash before any step.
+        payload = dict(definition.encode(value))
+        traceparent = current_traceparent()
+        return SagaRow(
+            saga_id, definition.name, "running", payload, {}, 0, None, value, traceparent
+        )
 
     def launch(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
         """Run the saga in the background (no-op if it already runs in this process).
@@ -587,7 +602,14 @@ class PreparedSaga:
         """The CTE ``saga``, written when ``after`` returned a row, and its parameters."""
         row = self.row
         return insert_saga_cte(
-            row.id, row.name, row.input, owner=self.owner, ttl=self.ttl, after=after, first=first
+            row.id,
+            row.name,
+            row.input,
+            owner=self.owner,
+            ttl=self.ttl,
+            traceparent=row.traceparent,
+            after=after,
+            first=first,
         )
 
 

@@ -74,11 +74,15 @@ class InMemorySagaStore:
         *,
         owner: str,
         ttl: float,
+        traceparent: str | None = None,
     ) -> None:
         if saga_id in self.sagas:
             raise ValueError(f"saga {saga_id} exists")  # the primary key would refuse it
         lease = self.clock() + ttl
-        saga = StoredSaga(saga_id, name, dict(payload), owner, lease, created=len(self.sagas))
+        created = len(self.sagas)
+        saga = StoredSaga(
+            saga_id, name, dict(payload), owner, lease, created, traceparent=traceparent
+        )
         self.sagas[saga_id] = saga
 
     async def load(self, saga_id: uuid.UUID) -> SagaRow | None:

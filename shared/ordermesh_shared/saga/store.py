@@ -39,8 +39,8 @@ class SagaRow:
     started_steps: int
     failure_reason: str | None
     value: Any = None  # the typed input, when this process has it (no need to decode)
-    # The trace context the saga was started in (None: started outside a trace, or not yet
-    # stored: it is written with the first step).
+    # The trace context the saga was created in, stored with its row (None: created outside
+    # a trace): a run resumed after a crash, even one before the first step, continues it.
     traceparent: str | None = None
 
 
@@ -70,16 +70,19 @@ async def insert_saga(
     *,
     owner: str,
     ttl: float,
+    traceparent: str | None = None,
 ) -> None:
-    """A new running saga, owned by ``owner`` (call inside the caller's transaction)."""
+    """A new running saga, owned by ``owner``, with the trace it was created in (call inside
+    the caller's transaction)."""
     await conn.execute(
-        "INSERT INTO sagas (id, name, status, input, owner, lease_until)"
-        " VALUES ($1, $2, 'running', $3, $4, now() + make_interval(secs => $5))",
+        "INSERT INTO sagas (id, name, status, input, owner, lease_until, traceparent)"
+        " VALUES ($1, $2, 'running', $3, $4, now() + make_interval(secs => $5), $6)",
         saga_id,
         name,
         json.dumps(payload),
         owner,
         ttl,
+        traceparent,
     )
 
 
@@ -90,19 +93,20 @@ def insert_saga_cte(
     *,
     owner: str,
     ttl: float,
+    traceparent: str | None,
     after: str,
     first: int,
 ) -> tuple[str, list[Any]]:
     """:func:`insert_saga` as a CTE ``saga`` of the caller's statement, written when the CTE
     named ``after`` returned a row (the caller's own row: the order); parameters numbered
-    from ``first``."""
+    from ``first`` (as many as the list returned holds)."""
     n = first
     sql = (
-        "saga AS (INSERT INTO sagas (id, name, status, input, owner, lease_until)"
+        "saga AS (INSERT INTO sagas (id, name, status, input, owner, lease_until, traceparent)"
         f" SELECT ${n}, ${n + 1}, 'running', ${n + 2}, ${n + 3},"
-        f" now() + make_interval(secs => ${n + 4}) FROM {after} LIMIT 1)"
+        f" now() + make_interval(secs => ${n + 4}), ${n + 5} FROM {after} LIMIT 1)"
     )
-    return sql, [saga_id, name, json.dumps(payload), owner, ttl]
+    return sql, [saga_id, name, json.dumps(payload), owner, ttl, traceparent]
 
 
 async def load_saga(conn: DbConn, saga_id: uuid.UUID) -> SagaRow | None:
@@ -415,8 +419,10 @@ class SagaStore(Protocol):
         *,
         owner: str,
         ttl: float,
+        traceparent: str | None = None,
     ) -> None:
-        """A new running saga, in the caller's transaction (``conn``)."""
+        """A new running saga, in the caller's transaction (``conn``), with the trace it was
+        created in."""
 
     async def load(self, saga_id: uuid.UUID) -> SagaRow | None:
         """A saga, or None."""
@@ -508,8 +514,11 @@ class PostgresSagaStore:
         *,
         owner: str,
         ttl: float,
+        traceparent: str | None = None,
     ) -> None:
-        await insert_saga(conn, saga_id, name, payload, owner=owner, ttl=ttl)
+        await insert_saga(
+            conn, saga_id, name, payload, owner=owner, ttl=ttl, traceparent=traceparent
+        )
 
     async def load(self, saga_id: uuid.UUID) -> SagaRow | None:
         async with self._pool().acquire() as conn:
