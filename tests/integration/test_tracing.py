@@ -30,13 +30,13 @@ from inventory.app import SPEC as INVENTORY
 from inventory.app import InventorySettings
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 from order.app import OrderSettings, order_spec
 from ordermesh_shared.bootstrap import ServiceSpec
 from ordermesh_shared.config import ServiceSettings
 from ordermesh_shared.database import Database
 from ordermesh_shared.logging import add_trace_ids
-from ordermesh_shared.saga import SAGA_MIGRATIONS, SagaEngine
+from ordermesh_shared.saga import SAGA_MIGRATIONS, SagaDefinition, SagaEngine
 from ordermesh_shared.tracing import Tracing, tracer
 from payment.app import SPEC as PAYMENT
 from payment.app import PaymentSettings
@@ -244,6 +244,29 @@ async def stored_traceparents(dsns: dict[str, str]) -> dict[str, list[str | None
     return {service: rows for service, rows in stored.items() if rows}
 
 
+async def recovered_by_another_owner(
+    db: Database, definition: SagaDefinition[Any], saga_id: uuid.UUID
+) -> None:
+    """Owner "b" starts, takes the saga over (its lease has lapsed) and runs it to its end."""
+    async with SagaEngine(db.pool, owner="b", definitions=[definition], policy=FAST):
+        async with asyncio.timeout(5):
+            while (
+                await db.pool.fetchval("SELECT status FROM sagas WHERE id = $1", saga_id)
+                == "running"
+            ):
+                await asyncio.sleep(0.02)
+
+
+def assert_continues(exporter: InMemorySpanExporter, request: Span) -> None:
+    """The resumed run's saga span is a child of the request the saga was created in."""
+    (resumed,) = [s for s in exporter.get_finished_spans() if s.name == "saga trip"]
+    context = request.get_span_context()
+    assert resumed.context is not None
+    assert resumed.context.trace_id == context.trace_id
+    assert resumed.parent is not None
+    assert resumed.parent.span_id == context.span_id
+
+
 async def test_a_saga_taken_over_after_a_crash_continues_its_stored_trace(
     fresh_database: str,
 ) -> None:
@@ -273,19 +296,8 @@ async def test_a_saga_taken_over_after_a_crash_continues_its_stored_trace(
         await asyncio.gather(*killed, return_exceptions=True)
         exporter.clear()
         world.hang.clear()
-        async with SagaEngine(db.pool, owner="b", definitions=[definition], policy=FAST):
-            async with asyncio.timeout(5):
-                while (
-                    await db.pool.fetchval("SELECT status FROM sagas WHERE id = $1", saga_id)
-                    == "running"
-                ):
-                    await asyncio.sleep(0.02)
-    (resumed,) = [s for s in exporter.get_finished_spans() if s.name == "saga trip"]
-    context = request.get_span_context()
-    assert resumed.context is not None
-    assert resumed.context.trace_id == context.trace_id
-    assert resumed.parent is not None
-    assert resumed.parent.span_id == context.span_id
+        await recovered_by_another_owner(db, definition, saga_id)
+    assert_continues(exporter, request)
     steps = [s.name for s in exporter.get_finished_spans() if s.name.startswith("forward ")]
     assert steps == ["forward hotel", "forward car"]
 
@@ -307,16 +319,5 @@ async def test_a_saga_written_with_its_order_continues_the_trace_after_dying_uns
             await db.pool.execute(f"WITH header AS (SELECT 1), {ctes} SELECT 1", *args)
         await db.pool.execute("UPDATE sagas SET lease_until = now() - interval '1 s'")
         exporter.clear()
-        async with SagaEngine(db.pool, owner="b", definitions=[definition], policy=FAST):
-            async with asyncio.timeout(5):
-                while (
-                    await db.pool.fetchval("SELECT status FROM sagas WHERE id = $1", saga_id)
-                    == "running"
-                ):
-                    await asyncio.sleep(0.02)
-    (resumed,) = [s for s in exporter.get_finished_spans() if s.name == "saga trip"]
-    context = request.get_span_context()
-    assert resumed.context is not None
-    assert resumed.context.trace_id == context.trace_id
-    assert resumed.parent is not None
-    assert resumed.parent.span_id == context.span_id
+        await recovered_by_another_owner(db, definition, saga_id)
+    assert_continues(exporter, request)

@@ -271,6 +271,29 @@ async def test_each_step_is_a_span_of_the_order_trace_with_attempts_and_outcome(
     assert (kept.trace_id, kept.span_id) == (trace_of(saga), span_id(request))
 
 
+async def recovered_by_another_owner(
+    store: InMemorySagaStore,
+    definition: SagaDefinition[Any],
+    saga_id: uuid.UUID,
+    metrics: SagaMetrics,
+) -> None:
+    """Owner "b" starts, takes the saga over (its lease has lapsed) and runs it to its end."""
+    async with SagaEngine(
+        None, owner="b", definitions=[definition], policy=FAST, store=store, metrics=metrics
+    ):
+        async with asyncio.timeout(5):
+            while store.sagas[saga_id].status == "running":
+                await asyncio.sleep(0.01)
+
+
+def continued(spans: InMemorySpanExporter, request: trace.Span) -> ReadableSpan:
+    """The resumed run's saga span, asserted a child of the request the saga was created in."""
+    resumed = named(spans, "saga trip")
+    assert trace_of(resumed) == request.get_span_context().trace_id
+    assert parent_of(resumed) == span_id(request)
+    return resumed
+
+
 async def test_a_saga_resumed_after_a_crash_continues_its_original_trace(
     spans: InMemorySpanExporter,
 ) -> None:
@@ -294,15 +317,8 @@ async def test_a_saga_resumed_after_a_crash_continues_its_original_trace(
     spans.clear()  # what the dead run exported (a killed process exports nothing)
     world.hang.clear()
     metrics = SagaMetrics(CollectorRegistry())
-    async with SagaEngine(
-        None, owner="b", definitions=[definition], policy=FAST, store=store, metrics=metrics
-    ):
-        async with asyncio.timeout(5):
-            while store.sagas[saga_id].status == "running":
-                await asyncio.sleep(0.01)
-    resumed = named(spans, "saga trip")
-    assert trace_of(resumed) == request.get_span_context().trace_id
-    assert parent_of(resumed) == span_id(request)
+    await recovered_by_another_owner(store, definition, saga_id, metrics)
+    resumed = continued(spans, request)
     assert resumed.attributes is not None
     assert resumed.attributes["saga.resumed"] is True
     assert [s.name for s in spans_of(spans, "forward ")] == ["forward hotel", "forward car"]
@@ -322,13 +338,8 @@ async def test_a_saga_whose_process_died_before_its_first_step_continues_its_tra
         await crashed.create(None, definition, saga_id, Trip("Lisbon"))
     # Never launched: the process died between the commit and the saga's first step.
     store.sagas[saga_id].lease_until = 0.0
-    async with SagaEngine(None, owner="b", definitions=[definition], policy=FAST, store=store):
-        async with asyncio.timeout(5):
-            while store.sagas[saga_id].status == "running":
-                await asyncio.sleep(0.01)
-    resumed = named(spans, "saga trip")
-    assert trace_of(resumed) == request.get_span_context().trace_id
-    assert parent_of(resumed) == span_id(request)
+    await recovered_by_another_owner(store, definition, saga_id, SagaMetrics(CollectorRegistry()))
+    continued(spans, request)
     assert [s.name for s in spans_of(spans, "forward ")] == [
         "forward flight",
         "forward hotel",
