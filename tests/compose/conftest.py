@@ -20,7 +20,7 @@ from tests.support.compose import (
     PORT_VARIABLES,
     PROJECT,
     docker_engine_available,
-    free_ports,
+    fixed_host_ports,
     healthy,
     host_port,
     wait_for,
@@ -35,7 +35,7 @@ def compose_env() -> Iterator[dict[str, str]]:
     subprocess.run(["bash", str(stack.BUILD_SCRIPT)], cwd=stack.ROOT, check=True)
     env = stack.ensure_env(offline=None)
     stack.write_definitions(env)
-    chosen = free_ports(len(PORT_VARIABLES))
+    chosen = fixed_host_ports(len(PORT_VARIABLES))
     ports = {name: str(port) for name, port in zip(PORT_VARIABLES, chosen, strict=True)}
     saved = {name: os.environ.get(name) for name in ports}
     os.environ.update(ports)

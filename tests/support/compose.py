@@ -6,6 +6,7 @@ apart from a user's ``ordermesh`` stack; its fixed host ports move to free ones 
 
 from __future__ import annotations
 
+import itertools
 import random
 import socket
 import subprocess
@@ -47,14 +48,15 @@ def docker(*args: str) -> None:
 _FIXED_PORT_RANGE = range(20000, 32000)
 
 
-def free_ports(count: int) -> list[int]:
+def fixed_host_ports(count: int) -> list[int]:
     """``count`` different ports nothing listens on (loopback or any address), outside the
-    ephemeral range."""
+    ephemeral range (unlike tests.support.etcd.free_ports, which the kernel picks in it)."""
     candidates = random.sample(_FIXED_PORT_RANGE, 200)
-    ports = [p for p in candidates if _bindable(p, "127.0.0.1") and _bindable(p, "0.0.0.0")]
+    free = (p for p in candidates if _bindable(p, "127.0.0.1") and _bindable(p, "0.0.0.0"))
+    ports = list(itertools.islice(free, count))
     if len(ports) < count:
         raise AssertionError(f"not {count} free ports in {_FIXED_PORT_RANGE} of 200 tried")
-    return ports[:count]
+    return ports
 
 
 def _bindable(port: int, host: str) -> bool:
